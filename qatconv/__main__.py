@@ -1,0 +1,3 @@
+from qatconv.cli import main
+
+main()
