@@ -1,0 +1,96 @@
+"""Consoles: JSON results to stdout, everything human (tables, progress, notes, errors) to stderr.
+
+Human output is plain when stderr is not a TTY and silent under ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+class Output:
+    """What one command prints: a JSON object on stdout, or human text on stderr."""
+
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.is_tty = sys.stderr.isatty()
+
+    @property
+    def human(self) -> bool:
+        return not self.quiet and not self.json_mode
+
+    def note(self, text: str) -> None:
+        """An informational line (what qatconv did), shown unless quiet."""
+        if not self.quiet:
+            self.err.print(text, markup=False)
+
+    def warn(self, text: str) -> None:
+        """A warning line; shown even with --json, hidden only by --quiet."""
+        if not self.quiet:
+            self.err.print(f"warning: {text}", markup=False, style="yellow")
+
+    def table(self, table: Table) -> None:
+        if self.human:
+            self.err.print(table)
+
+    def result(self, obj: dict[str, Any]) -> None:
+        """The command's JSON result (stdout, only with --json)."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+            sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        """Yield ``advance(completed, **fields)``; a bar on a TTY, a few plain lines otherwise."""
+        if self.quiet or self.json_mode and not self.is_tty:
+            yield lambda *a, **k: None
+            return
+        if self.is_tty:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.err,
+                transient=False,
+            ) as bar:
+                task = bar.add_task(description, total=total, info="")
+
+                def advance(completed: int, info: str = "") -> None:
+                    bar.update(task, completed=completed, info=info)
+
+                yield advance
+            return
+        last = [0.0]
+
+        def advance_plain(completed: int, info: str = "") -> None:
+            now = time.monotonic()
+            if completed == total or now - last[0] >= 2.0:
+                last[0] = now
+                self.err.print(f"{description}: {completed}/{total} {info}", markup=False)
+
+        yield advance_plain
+
+
+def error_line(message: str, hint: str | None) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return f"error: {first}" + (f"\nhint: {hint.strip().splitlines()[0]}" if hint else "")

@@ -1,0 +1,752 @@
+"""The pipeline as plain functions returning small report types.
+
+`cli.py`, `demo.py` and a user's notebook all call these. Step modules (checkpoint, pairs, qat,
+fold, ...) are imported inside the functions so that importing this module stays torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatconv import __version__
+from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
+from qatconv.errors import BadInputError, CheckFailedError, DataError, NoPairsError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qatconv.inspection import Inspection
+    from qatconv.pairs import PairScan
+    from qatconv.qat import StepInfo
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "qatconv"
+
+
+@dataclass
+class LoadedModel:
+    """A float model with its checkpoint loaded, and what loading did."""
+
+    model: nn.Module
+    notes: list[str] = field(default_factory=list)
+    spec: str | None = None
+    # The checkpoint's tensors with keys aligned to the model, in the checkpoint's own dtypes.
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    args: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareReport:
+    output: Path
+    pairs: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    notes: list[str]
+    metrics: dict[str, Any]
+    seconds: float
+    metadata: dict[str, Any]
+
+
+@dataclass
+class CheckResult:
+    max_abs_error: float
+    max_rel_error: float
+    atol: float
+    rtol: float
+    passed: bool
+    reference: str  # "qat" (fake quant off) or "float"
+    samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "passed": self.passed,
+            "reference": self.reference,
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class FoldResult:
+    output: Path
+    files: list[Path]
+    pairs: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    removed: list[str]
+    notes: list[str]
+    source_stage: str  # "qat" or "float"
+    check: CheckResult | None
+    seconds: float
+    metadata: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Build the model from its spec (or an unpickled module) and load the checkpoint strictly.
+
+    Raises:
+        UsageError: neither a spec nor a trusted pickled module.
+        ModelSpecError, CheckpointError: spec or checkpoint problems (exit 3).
+    """
+    from qatconv import checkpoint, modelspec
+
+    notes: list[str] = []
+    loaded = None
+    if cfg.weights is not None:
+        loaded = checkpoint.load_checkpoint(cfg.weights, trust_pickle=cfg.trust_pickle)
+        notes += loaded.notes
+    if cfg.spec is not None:
+        model = modelspec.build_model(cfg.spec, dict(cfg.args))
+    elif loaded is not None and loaded.module is not None:
+        model = loaded.module
+        notes.append(f"using the nn.Module pickled in {cfg.weights} (--trust-pickle)")
+    else:
+        raise UsageError(
+            "--model is required",
+            hint="pass --model path/to/file.py:ClassName (or a pickled module with --trust-pickle)",
+        )
+    if loaded is not None:
+        keys = model.state_dict().keys()
+        tensors, align_notes = checkpoint.align_state_dict(loaded.tensors, keys)
+        notes += align_notes
+        checkpoint.load_into(model, tensors, source=str(cfg.weights))
+    else:
+        tensors = {}
+    model.eval()
+    return LoadedModel(model, notes, cfg.spec, dict(cfg.args), tensors)
+
+
+def _sample(inputs: torch.Tensor, n: int = 8) -> tuple[torch.Tensor, ...]:
+    return (inputs[: max(2, min(n, len(inputs)))],)
+
+
+def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(inputs[:2])
+    except Exception as e:  # any failure here means the data's shape or type does not fit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"the data in {path} (inputs {tuple(inputs.shape)}) does not fit the model: {first}",
+            hint="check the feature count and layout the model expects",
+        ) from None
+
+
+def scan_pairs(
+    model: nn.Module, sample: tuple[torch.Tensor, ...] | None, *, strict: bool
+) -> PairScan:
+    from qatconv.pairs import find_pairs
+
+    return find_pairs(model, sample, strict=strict)
+
+
+def _require_pairs(scan: PairScan, allow_no_pairs: bool) -> None:
+    if scan.pairs or allow_no_pairs:
+        return
+    reasons = "; ".join(
+        f"{s.linear or '?'} -> {s.bn or '?'}: {s.code}" for s in scan.skipped[:5]
+    ) or "the model has no Linear followed by BatchNorm1d"
+    raise NoPairsError(
+        f"no Linear+BatchNorm1d pair can fold ({reasons})",
+        hint="run `qatconv inspect CKPT --model SPEC` for the reasons; "
+        "--allow-no-pairs writes the output anyway",
+    )
+
+
+def _skipped_json(scan: PairScan) -> list[dict[str, Any]]:
+    return [
+        {"linear": s.linear, "bn": s.bn, "code": s.code, "reason": s.reason} for s in scan.skipped
+    ]
+
+
+def _pick_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for but torch sees no CUDA device",
+            hint="use --device cpu or --device auto",
+        )
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    model_cfg: ModelConfig,
+    data: Path,
+    out: Path,
+    *,
+    train: TrainConfig | None = None,
+    quant: QuantConfig | None = None,
+    target_column: str | None = None,
+    force: bool = False,
+    allow_no_pairs: bool = False,
+    strict: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> PrepareReport:
+    """Float checkpoint -> QAT checkpoint (LinearBn1d per pair, calibrated or fine-tuned).
+
+    Args:
+        model_cfg: model spec/args and float checkpoint.
+        data: calibration / training data file.
+        out: the QAT `.safetensors` to write.
+        train: mode, steps, loss, freeze schedule, seed, device.
+        quant: backend and weight bits.
+        target_column: CSV target column.
+        force: replace an existing ``out``.
+        allow_no_pairs: write ``out`` even when nothing can fold.
+        strict: skip pairs whose feature axis cannot be proven.
+        on_step: fine-tune progress callback.
+        on_note: called with each sentence about what was done.
+
+    Returns:
+        PrepareReport. Raises a `QatconvError` subclass on bad input.
+    """
+    import torch
+
+    from qatconv import checkpoint, qat
+    from qatconv import data as data_mod
+
+    train = train or TrainConfig()
+    quant = quant or QuantConfig()
+    note = on_note or (lambda s: log.info(s))
+    started = time.perf_counter()
+    inputs_paths = [p for p in (model_cfg.weights, data) if p is not None]
+    checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
+    loaded = load_model(model_cfg)
+    for n in loaded.notes:
+        note(n)
+    dataset = data_mod.load_data(data, target_column=target_column)
+    model = loaded.model
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    orig_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    if orig_dtype != torch.float32:
+        note(f"the model is {orig_dtype}; QAT runs in float32 (torch's fake quant needs it)")
+        model = model.float()
+    inputs = dataset.inputs.float()
+    _check_data_fits(model, inputs, data)
+    scan = scan_pairs(model, _sample(inputs), strict=strict)
+    _require_pairs(scan, allow_no_pairs)
+    records = [p.to_record() for p in scan.pairs]
+    device = _pick_device(train.device.value)
+    torch.manual_seed(train.seed)
+    float_model = model.to(device)
+    qat_model = qat.deepcopy_model(float_model)
+    qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant))
+    qat_model.to(device)
+    inputs = inputs.to(device)
+    targets = dataset.targets.to(device) if dataset.targets is not None else None
+    result = None
+    if train.mode is Mode.calibrate:
+        qat.calibrate_(
+            qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=train.recalibrate_bn
+        )
+    else:
+        if train.recalibrate_bn:
+            qat.calibrate_(qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=True)
+        result = qat.finetune_(qat_model, float_model, inputs, targets, train, on_step=on_step)
+    metrics: dict[str, Any] = qat.simulated_metrics(qat_model, float_model, inputs)
+    if result is not None:
+        k = max(1, len(result.losses) // 10)
+        metrics.update(
+            loss_first=result.losses[0],
+            loss_last=result.losses[-1],
+            loss_first10pct_mean=sum(result.losses[:k]) / k,
+            loss_last10pct_mean=sum(result.losses[-k:]) / k,
+            bn_frozen_at=result.bn_frozen_at,
+            observers_frozen_at=result.observers_frozen_at,
+        )
+    state = {
+        k: (v.to(orig_dtype) if v.is_floating_point() and ".weight_fake_quant." not in k else v)
+        .detach()
+        .cpu()
+        .contiguous()
+        for k, v in qat_model.state_dict().items()
+    }
+    qmin, qmax = quant.quant_range
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "stage": "qat",
+        "model": {"spec": loaded.spec, "args": loaded.args},
+        "pairs": records,
+        "skipped": _skipped_json(scan),
+        "backend": quant.backend.value,
+        "weight_bits": quant.weight_bits,
+        "quant_min": qmin,
+        "quant_max": qmax,
+        "scheme": "per_channel_symmetric",
+        "mode": train.mode.value,
+        "steps": train.steps if train.mode is Mode.finetune else 0,
+        "loss": train.loss.value if train.mode is Mode.finetune else None,
+        "recalibrate_bn": train.recalibrate_bn,
+        "seed": train.seed,
+        "data_sha256": dataset.sha256,
+        "dtype": str(orig_dtype).removeprefix("torch."),
+        "torch_version": torch.__version__,
+        "qatconv_version": __version__,
+        "metrics": metrics,
+    }
+    checkpoint.write_safetensors(
+        state, out, {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force,
+        inputs=inputs_paths,
+    )
+    return PrepareReport(
+        output=out,
+        pairs=records,
+        skipped=meta["skipped"],
+        notes=loaded.notes,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
+        metadata=meta,
+    )
+
+
+# ---------------------------------------------------------------------------- fold
+
+
+def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.Module:
+    """The QAT model described by a QAT checkpoint's metadata (tensors not loaded)."""
+    from qatconv import qat
+    from qatconv.config import Backend
+
+    cfg = _model_cfg_from_meta(meta, model_cfg)
+    model = load_model(cfg).model.float()
+    quant = QuantConfig(Backend(meta.get("backend", "x86")), int(meta.get("weight_bits", 8)))
+    qat.swap_pairs_(model, meta["pairs"], qat.make_qconfig(quant))
+    return model
+
+
+def _model_cfg_from_meta(meta: dict[str, Any], model_cfg: ModelConfig | None) -> ModelConfig:
+    if model_cfg is not None and model_cfg.spec is not None:
+        return ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
+    spec = (meta.get("model") or {}).get("spec")
+    if not spec:
+        raise UsageError(
+            "this check needs the model code, and the checkpoint names no model spec",
+            hint="pass --model path/to/file.py:ClassName",
+        )
+    return ModelConfig(spec=spec, args=(meta.get("model") or {}).get("args") or {})
+
+
+def fold(
+    out: Path,
+    *,
+    qat_checkpoint: Path | None = None,
+    model_cfg: ModelConfig | None = None,
+    check: Path | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    emit_qparams: bool = False,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    allow_no_pairs: bool = False,
+    strict: bool = False,
+    target_column: str | None = None,
+    on_pair: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> FoldResult:
+    """Fold a QAT checkpoint (model-free), or a float checkpoint with its model (plain fold).
+
+    Args:
+        out: output `.safetensors` (or index path when sharding).
+        qat_checkpoint: a checkpoint written by `prepare`.
+        model_cfg: for the plain fold (spec + weights), or the spec for ``check``.
+        check: data to verify the folded model against the reference on.
+        atol, rtol: the check passes when ``|a - b| <= atol + rtol * |b|`` everywhere.
+        emit_qparams: write ``<linear>.weight_scale`` / ``weight_zero_point`` tensors.
+        max_shard_size: bytes per output shard.
+
+    Raises:
+        CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4).
+    """
+    from qatconv import checkpoint
+    from qatconv import fold as fold_mod
+
+    started = time.perf_counter()
+    note = on_note or (lambda s: log.info(s))
+    notes: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    if qat_checkpoint is not None:
+        meta = checkpoint.read_metadata(qat_checkpoint)
+        if meta.get("stage") != "qat":
+            raise BadInputError(
+                f"{qat_checkpoint} is not a QAT checkpoint written by `qatconv prepare` "
+                f"(stage: {meta.get('stage', 'none')})",
+                hint="for a float checkpoint use: qatconv fold --model SPEC --weights CKPT -o OUT",
+            )
+        inputs = [qat_checkpoint] + ([check] if check else [])
+        checkpoint.check_output_path(out, force=force, inputs=inputs)
+        records = list(meta["pairs"])
+        skipped = list(meta.get("skipped", []))
+        if not records and not allow_no_pairs:
+            raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
+        fpairs = [fold_mod.FoldPair.from_qat_record(r) for r in records]
+        source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model", {})
+        out_meta_extra = {
+            k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max", "scheme")
+        }
+        report = _fold_stream_or_memory(
+            fold_mod, source, None, out, fpairs, emit_qparams, max_shard_size, force, on_pair,
+            _folded_meta(records, skipped, "qat", model_meta, out_meta_extra),
+        )
+    else:
+        if model_cfg is None or model_cfg.weights is None:
+            raise UsageError(
+                "fold needs a QAT checkpoint, or --model and --weights for a plain BN fold",
+                hint="qatconv fold QAT.safetensors -o OUT.safetensors",
+            )
+        if emit_qparams:
+            raise UsageError(
+                "--emit-qparams needs a QAT checkpoint (a plain fold has no quant params)",
+                hint="run `qatconv prepare` first",
+            )
+        inputs = [model_cfg.weights] + ([check] if check else [])
+        checkpoint.check_output_path(out, force=force, inputs=inputs)
+        loaded = load_model(model_cfg)
+        notes += loaded.notes
+        for n in loaded.notes:
+            note(n)
+        sample = None
+        if check is not None:
+            from qatconv import data as data_mod
+
+            ds = data_mod.load_data(check, target_column=target_column)
+            _check_data_fits(loaded.model, ds.inputs.float(), check)
+            sample = _sample(ds.inputs.to(_param_dtype(loaded.model)))
+        scan = scan_pairs(loaded.model, sample, strict=strict)
+        _require_pairs(scan, allow_no_pairs)
+        records = [p.to_record() for p in scan.pairs]
+        skipped = _skipped_json(scan)
+        fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
+        model_meta = {"spec": loaded.spec, "args": loaded.args}
+        meta_out = _folded_meta(records, skipped, "float", model_meta, {})
+        unverified = [p.linear for p in scan.pairs if not p.verified]
+        meta_out["unverified"] = unverified
+        state = loaded.tensors
+        report = _fold_stream_or_memory(
+            fold_mod, model_cfg.weights, state, out, fpairs, False, max_shard_size, force,
+            on_pair, meta_out,
+        )
+        stage_from = "float"
+    check_result = None
+    if check is not None:
+        check_result = verify(
+            out, stage_from, records, model_cfg, check, atol=atol, rtol=rtol,
+            qat_checkpoint=qat_checkpoint, model_meta=model_meta, target_column=target_column,
+        )
+    result = FoldResult(
+        output=out,
+        files=list(report.files),
+        pairs=records,
+        skipped=skipped,
+        removed=list(report.removed),
+        notes=notes,
+        source_stage=stage_from,
+        check=check_result,
+        seconds=time.perf_counter() - started,
+        metadata={"qparams": report.qparams},
+    )
+    if check_result is not None and not check_result.passed:
+        raise CheckFailedError(
+            f"folded model differs from the {check_result.reference} reference: max abs error "
+            f"{check_result.max_abs_error:.3g}, max rel error {check_result.max_rel_error:.3g} "
+            f"(atol {atol:g}, rtol {rtol:g}); {out} was written",
+            hint="inspect the pairs with `qatconv inspect --model SPEC --data DATA`",
+        )
+    return result
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _folded_meta(
+    records: Sequence[dict[str, Any]],
+    skipped: Sequence[dict[str, Any]],
+    source: str,
+    model_meta: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    import torch
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "stage": "folded",
+        "source_stage": source,
+        "model": model_meta,
+        "pairs": list(records),
+        "removed_bn": [r["bn"] for r in records],
+        "bias_added": [r["linear"] for r in records if not r.get("bias", True)],
+        "skipped": list(skipped),
+        "torch_version": torch.__version__,
+        "qatconv_version": __version__,
+        **extra,
+    }
+
+
+def _fold_stream_or_memory(
+    fold_mod: Any,
+    source: Path,
+    state: dict[str, torch.Tensor] | None,
+    out: Path,
+    fpairs: list[Any],
+    emit_qparams: bool,
+    max_shard_size: int | None,
+    force: bool,
+    on_pair: Callable[[str], None] | None,
+    meta: dict[str, Any],
+) -> Any:
+    """Stream from ``source`` when it is a safetensors file holding exactly the model's keys.
+
+    Otherwise (a pickle, renamed keys) the loaded ``state`` is first written to a temporary
+    safetensors file beside ``out``, so there is one fold path with one set of guarantees.
+    """
+    import os
+    import tempfile
+
+    from qatconv import checkpoint
+
+    metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    kwargs = dict(
+        metadata=metadata, emit_qparams=emit_qparams, max_shard_size=max_shard_size,
+        force=force, on_pair=on_pair,
+    )
+    if state is None or _streamable(source, state):
+        return fold_mod.fold_file(source, out, fpairs, **kwargs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".src.safetensors",
+                                    dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        checkpoint.write_safetensors(state, tmp, {}, force=True)
+        return fold_mod.fold_file(tmp, out, fpairs, **kwargs)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _streamable(source: Path, state: dict[str, torch.Tensor]) -> bool:
+    """True when the file on disk is a safetensors file holding exactly the model's tensors."""
+    from qatconv import st_format
+
+    name = source.name
+    if not (name.endswith(".safetensors") or name.endswith(".index.json")):
+        return False
+    if name.endswith(".index.json"):
+        keys = set(json.loads(source.read_text()).get("weight_map", {}))
+    else:
+        keys = set(st_format.read_header(source).tensors)
+    return keys == set(state)
+
+
+def verify(
+    folded_path: Path,
+    stage_from: str,
+    records: Sequence[dict[str, Any]],
+    model_cfg: ModelConfig | None,
+    data: Path,
+    *,
+    atol: float,
+    rtol: float,
+    qat_checkpoint: Path | None = None,
+    model_meta: dict[str, Any] | None = None,
+    target_column: str | None = None,
+) -> CheckResult:
+    """Run the reference and the folded model on ``data``; report the max errors."""
+    import torch
+
+    from qatconv import checkpoint, qat
+    from qatconv import data as data_mod
+
+    ds = data_mod.load_data(data, target_column=target_column)
+    if stage_from == "qat":
+        assert qat_checkpoint is not None
+        meta = {"model": model_meta or {}, **checkpoint.read_metadata(qat_checkpoint)}
+        reference = build_qat_model(meta, model_cfg)
+        ref_ckpt = checkpoint.load_checkpoint(qat_checkpoint)
+        checkpoint.load_into(reference, ref_ckpt.tensors, source=str(qat_checkpoint))
+        qat.set_fake_quant_(reference, fake_quant=False, observer=False)
+        spec_cfg = _model_cfg_from_meta(meta, model_cfg)
+        ref_name = "qat"
+    else:
+        assert model_cfg is not None
+        reference = load_model(model_cfg).model
+        spec_cfg = ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
+        ref_name = "float"
+    folded_model = load_model(spec_cfg).model
+    load_folded(folded_model, folded_path)
+    dtype = _param_dtype(folded_model)
+    reference.to(dtype).eval()
+    folded_model.eval()
+    inputs = ds.inputs.to(dtype)
+    _check_data_fits(reference, inputs, data)
+    with torch.no_grad():
+        ref = torch.cat([reference(inputs[i : i + 1024]) for i in range(0, len(inputs), 1024)])
+        got = torch.cat(
+            [folded_model(inputs[i : i + 1024]) for i in range(0, len(inputs), 1024)]
+        )
+    diff = (got.double() - ref.double()).abs()
+    scale = ref.double().abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    max_rel = float((diff / scale.clamp_min(1e-12)).max()) if diff.numel() else 0.0
+    passed = bool((diff <= atol + rtol * scale).all()) and bool(torch.isfinite(got).all())
+    return CheckResult(max_abs, max_rel, atol, rtol, passed, ref_name, len(inputs))
+
+
+# ---------------------------------------------------------------------------- load_folded
+
+
+def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
+    """Load a folded checkpoint into the original architecture.
+
+    Replaces each removed BatchNorm with `nn.Identity`, gives each Linear a bias where folding
+    created one, then loads the tensors strictly. Emitted quant params
+    (``*.weight_scale`` / ``*.weight_zero_point``) are not model tensors and are skipped.
+
+    Args:
+        model: an instance of the architecture the checkpoint was folded from.
+        path: the folded `.safetensors` (or its `.index.json` when sharded).
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        CheckpointError: not a folded checkpoint, or its tensors do not fit ``model``.
+    """
+    import torch
+    from torch import nn
+
+    from qatconv import checkpoint
+    from qatconv.qat import _set_submodule
+
+    path = Path(path)
+    meta = checkpoint.read_metadata(path)
+    if meta.get("stage") != "folded":
+        raise BadInputError(
+            f"{path} is not a folded checkpoint (stage: {meta.get('stage', 'none')})",
+            hint="fold it first: qatconv fold QAT.safetensors -o OUT.safetensors",
+        )
+    for record in meta.get("pairs", []):
+        _set_submodule(model, record["bn"], nn.Identity())
+        linear = model.get_submodule(record["linear"])
+        if linear.bias is None:
+            linear.bias = nn.Parameter(
+                torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                            device=linear.weight.device)
+            )
+    tensors = checkpoint.load_checkpoint(path).tensors
+    qparam_keys = {
+        k for k in tensors
+        if k.endswith((".weight_scale", ".weight_zero_point"))
+        and k.rsplit(".", 1)[0] in {r["linear"] for r in meta.get("pairs", [])}
+    }
+    tensors = {k: v for k, v in tensors.items() if k not in qparam_keys}
+    checkpoint.load_into(model, tensors, source=str(path))
+    return model
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def inspect_path(
+    path: Path,
+    *,
+    model_cfg: ModelConfig | None = None,
+    data: Path | None = None,
+    strict: bool = False,
+    target_column: str | None = None,
+) -> Inspection:
+    """Describe a checkpoint; with a model spec, also its pairs and BN health.
+
+    Args:
+        path: the checkpoint (any supported format).
+        model_cfg: the model spec and args (its ``weights`` is ignored: ``path`` is loaded).
+        data: a sample input for the pair rules' axis check.
+        strict: report pairs whose feature axis cannot be proven as skipped.
+
+    For `.safetensors` without a model only the header is read and torch is not imported.
+    """
+    from qatconv import inspection
+
+    if model_cfg is None or model_cfg.spec is None:
+        if data is not None:
+            raise UsageError("--data needs --model", hint="the data is a sample for the pair rules")
+        return inspection.inspect_file(path)
+    loaded = load_model(ModelConfig(model_cfg.spec, model_cfg.args, path, model_cfg.trust_pickle))
+    sample = None
+    if data is not None:
+        from qatconv import data as data_mod
+
+        ds = data_mod.load_data(data, target_column=target_column)
+        inputs = ds.inputs.to(_param_dtype(loaded.model))
+        _check_data_fits(loaded.model, inputs, data)
+        sample = _sample(inputs)
+    scan = scan_pairs(loaded.model, sample, strict=strict)
+    return inspection.inspect_file(
+        path, model=loaded.model, scan=scan, notes=loaded.notes, tensors=loaded.tensors
+    )
+
+
+def check_inspection(ins: Inspection, strict: bool) -> None:
+    """Raise CheckFailedError (exit 4) under --strict when a problem was found."""
+    if strict and ins.problems:
+        raise CheckFailedError(
+            f"{len(ins.problems)} problem(s): " + "; ".join(ins.problems[:3]),
+            hint="see the table above (or --json) for every problem",
+        )
+
+
+def parse_size(text: str) -> int:
+    """'2GB' / '500MB' / '1.5GiB' / '1000' -> bytes."""
+    units = {
+        "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    }  # fmt: skip
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise UsageError(f"cannot read size {text!r}", hint="use e.g. 2GB, 500MB or 1GiB")
+    return int(value * units[unit])
+
+
+__all__ = [
+    "CheckResult",
+    "FoldResult",
+    "PrepareReport",
+    "fold",
+    "inspect_path",
+    "load_folded",
+    "load_model",
+    "prepare",
+    "verify",
+]

@@ -1,0 +1,403 @@
+"""The command line: argv -> config -> one api call -> printed result and exit code.
+
+The only module that knows argv, exit codes and colour. It imports no torch at module level, so
+`qatconv --help` and `qatconv inspect x.safetensors` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from qatconv import __version__
+from qatconv._console import Output, error_line
+from qatconv.config import (
+    Backend,
+    Device,
+    Loss,
+    Mode,
+    ModelConfig,
+    Optimizer,
+    QuantConfig,
+    TrainConfig,
+)
+from qatconv.errors import QatconvError, UsageError
+
+app = typer.Typer(
+    name="qatconv",
+    help="Fold Linear+BatchNorm1d pairs through PyTorch QAT (LinearBn1d) into deployable "
+    "safetensors.\n\nExit codes: 0 ok, 2 usage, 3 bad input, 4 check failed, 1 internal error.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by every command.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else there.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No human output on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model code: path/to/file.py:NAME or package.module:NAME "
+                 "(a class, or a function returning an nn.Module)."),
+]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", help="KEY=VALUE passed to the model constructor (VALUE read as "
+                 "JSON, else as a string). Repeatable."),
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow torch pickles that run code when loaded. "
+                       "Only for files you trust.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+TargetColOpt = Annotated[
+    str | None, typer.Option("--target-column", help="CSV data: the column holding targets.")
+]
+StrictPairsOpt = Annotated[
+    bool, typer.Option("--strict", help="Skip pairs whose feature axis cannot be proven on data.")
+]
+AllowNoPairsOpt = Annotated[
+    bool, typer.Option("--allow-no-pairs", help="Write the output even when no pair can fold.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qatconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fold Linear+BatchNorm1d pairs through PyTorch QAT into deployable safetensors."""
+
+
+def _model_cfg(
+    model: str | None, model_args: list[str] | None, weights: Path | None, trust: bool
+) -> ModelConfig:
+    from qatconv.modelspec import parse_model_args
+
+    return ModelConfig(model, parse_model_args(model_args or []), weights, trust)
+
+
+def _pair_table(pairs: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                unverified: set[str] | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Linear+BatchNorm1d pairs", title_justify="left")
+    for col in ("linear", "batchnorm", "features", "status"):
+        table.add_column(col)
+    for p in pairs:
+        status = "fold (unverified)" if unverified and p["linear"] in unverified else "fold"
+        table.add_row(p["linear"], p["bn"], f"{p['in_features']}->{p['out_features']}", status)
+    for s in skipped:
+        table.add_row(s.get("linear") or "-", s.get("bn") or "-", "",
+                      f"skip: {s['code']} ({s['reason']})")
+    return table
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+@app.command(
+    epilog="Examples:\n\n  qatconv inspect model.safetensors\n\n"
+    "  qatconv inspect ckpt.pt --model net.py:Net --data calib.npz --strict --json",
+)
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, index.json, .pt/.pth/.bin/.ckpt.")],
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Sample inputs for the pair rules' axis check.")] = None,
+    target_column: TargetColOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 4 when a BN health problem, skipped or unverified pair is found.")] = False,
+    trust_pickle: TrustOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a checkpoint holds, which pairs fold, and unhealthy BatchNorm channels."""
+    from qatconv import api
+
+    out = Output(json_mode=json_, quiet=quiet)
+    cfg = _model_cfg(model, model_arg, None, trust_pickle) if model else None
+    ins = api.inspect_path(path, model_cfg=cfg, data=data, strict=strict,
+                           target_column=target_column)
+    for n in ins.notes:
+        out.note(n)
+    if ins.scan is not None and ins.scan.unverified and not strict:
+        out.warn(f"{len(ins.scan.unverified)} pair(s) unverified: give --data DATA to prove "
+                 "the feature axis (prepare --data / fold --check DATA do)")
+    if ins.scan is not None and not ins.scan.traced:
+        out.warn(f"the model could not be traced ({ins.scan.trace_error}); "
+                 "pairs come from adjacent nn.Sequential children")
+    out.result(ins.to_json())
+    if out.human:
+        _print_inspection(out, ins)
+    api.check_inspection(ins, strict)
+
+
+def _print_inspection(out: Output, ins: Any) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=False, title=str(ins.path), title_justify="left")
+    t.add_row("format", ins.format)
+    t.add_row("tensors", f"{ins.tensors:,}")
+    t.add_row("parameters", f"{ins.parameters:,}")
+    t.add_row("bytes", f"{ins.bytes:,}")
+    t.add_row("dtypes", ", ".join(f"{k} x{v}" for k, v in ins.dtypes.items()))
+    if ins.qatconv:
+        meta = ins.qatconv
+        t.add_row("qatconv stage", str(meta.get("stage")))
+        t.add_row("pairs", str(len(meta.get("pairs", []))))
+        if "backend" in meta:
+            t.add_row("backend / bits", f"{meta.get('backend')} / {meta.get('weight_bits')}")
+        if meta.get("metrics"):
+            t.add_row("metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in meta["metrics"].items()))
+    out.table(t)
+    if ins.scan is not None:
+        scan = ins.scan.to_json()
+        unverified = {p.linear for p in ins.scan.unverified}
+        out.table(_pair_table(scan["pairs"], scan["skipped"], unverified))
+    bad = [h for h in ins.bn_health if not h.ok]
+    if ins.bn_health:
+        if bad:
+            h = Table(title="BatchNorm health", title_justify="left")
+            for col in ("batchnorm", "channels", "gamma == 0", "var <= 1e-8", "non-finite"):
+                h.add_column(col)
+            for b in bad:
+                h.add_row(b.bn, str(b.channels), str(b.zero_gamma), str(b.tiny_var), str(b.nonfinite))
+            out.table(h)
+        else:
+            out.note(f"BatchNorm health: {len(ins.bn_health)} BatchNorm(s), no problem found")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+@app.command(
+    epilog="Examples:\n\n  qatconv prepare --model net.py:Net --weights float.safetensors "
+    "--data calib.npz -o qat.safetensors\n\n"
+    "  qatconv prepare -m net.py:Net --weights float.pt --data train.npz --mode finetune "
+    "--steps 500 --weight-bits 4 -o qat.safetensors",
+)
+def prepare(
+    output: Annotated[Path, typer.Option("--output", "-o", help="QAT checkpoint to write (.safetensors).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration / training data: .npz .npy .pt .safetensors .csv.")],
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint to start from.")] = None,
+    mode: Annotated[Mode, typer.Option(help="calibrate: observers only, no gradient steps; finetune: QAT training.")] = Mode.calibrate,
+    steps: Annotated[int, typer.Option(help="Fine-tune steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Samples per step (and per calibration batch).")] = 64,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    loss: Annotated[Loss, typer.Option(help="distill: match the float model's outputs (no labels needed); mse / cross-entropy use the data's targets.")] = Loss.distill,
+    optimizer: Annotated[Optimizer, typer.Option(help="Fine-tune optimizer.")] = Optimizer.adam,
+    freeze_bn_after: Annotated[int | None, typer.Option(help="Freeze BN running stats from this step on [default: steps/2].")] = None,
+    freeze_observers_after: Annotated[int | None, typer.Option(help="Freeze weight observers from this step on [default: 3*steps/4].")] = None,
+    recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="Re-estimate BN stats over the data (exact averages) before anything else.")] = False,
+    backend: Annotated[Backend, typer.Option(help="Target backend; qnnpack uses a narrow symmetric range.")] = Backend.x86,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling and init; same inputs + seed = same file.")] = 0,
+    device: Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")] = Device.cpu,
+    target_column: TargetColOpt = None,
+    strict: StrictPairsOpt = False,
+    allow_no_pairs: AllowNoPairsOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Swap each safe Linear+BatchNorm1d pair for LinearBn1d, calibrate or fine-tune, save."""
+    from qatconv import api
+
+    out = Output(json_mode=json_, quiet=quiet)
+    train = TrainConfig(mode, steps, batch_size, lr, loss, optimizer, freeze_bn_after,
+                        freeze_observers_after, recalibrate_bn, seed, device)
+    quant = QuantConfig(backend, weight_bits)
+    cfg = _model_cfg(model, model_arg, weights, trust_pickle)
+    total = steps if mode is Mode.finetune else 0
+    with _interruptible(), out.progress("fine-tune", total) as advance:
+        def on_step(info: Any) -> None:
+            advance(info.step, info=f"loss {info.loss:.4g}  {info.samples_per_s:,.0f} samples/s")
+
+        report = api.prepare(cfg, data, output, train=train, quant=quant,
+                             target_column=target_column, force=force,
+                             allow_no_pairs=allow_no_pairs, strict=strict, on_step=on_step,
+                             on_note=out.note)
+    out.result({
+        "output": str(report.output),
+        "pairs": report.pairs,
+        "skipped": report.skipped,
+        "metrics": report.metrics,
+        "seconds": report.seconds,
+        "notes": report.notes,
+    })
+    if out.human:
+        out.table(_pair_table(report.pairs, report.skipped))
+        m = report.metrics
+        line = f"int{weight_bits}-simulated vs float: relative MSE {m['relative_mse']:.3g}"
+        if "top1_agreement" in m:
+            line += f", top-1 agreement {m['top1_agreement']:.2%}"
+        out.note(line)
+        out.note(f"wrote {report.output} ({len(report.pairs)} pair(s), {report.seconds:.1f} s)")
+
+
+# ----------------------------------------------------------------------------- fold
+
+
+@app.command(
+    epilog="Examples:\n\n  qatconv fold qat.safetensors -o folded.safetensors --check calib.npz\n\n"
+    "  qatconv fold --model net.py:Net --weights float.pt -o folded.safetensors\n\n"
+    "  qatconv fold qat.safetensors -o out/model.safetensors.index.json --max-shard-size 2GB",
+)
+def fold(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folded checkpoint to write (.safetensors; the index path with --max-shard-size).")],
+    qat_checkpoint: Annotated[Path | None, typer.Argument(help="QAT checkpoint written by `qatconv prepare`.", show_default=False)] = None,
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint for a plain BN fold (with --model).")] = None,
+    check: Annotated[Path | None, typer.Option("--check", help="Data to verify the folded model on (exit 4 beyond tolerance).")] = None,
+    atol: Annotated[float, typer.Option(help="Check: absolute tolerance.")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Check: relative tolerance.")] = 1e-4,
+    emit_qparams: Annotated[bool, typer.Option("--emit-qparams", help="Also write <linear>.weight_scale / .weight_zero_point tensors.")] = False,
+    max_shard_size: Annotated[str | None, typer.Option(help="Split the output into shards of at most this size, e.g. 2GB.")] = None,
+    target_column: TargetColOpt = None,
+    strict: StrictPairsOpt = False,
+    allow_no_pairs: AllowNoPairsOpt = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fold BatchNorm into the Linears (LinearBn1d.to_float per pair) and write safetensors."""
+    from qatconv import api
+
+    out = Output(json_mode=json_, quiet=quiet)
+    if qat_checkpoint is not None and weights is not None:
+        raise UsageError("give either a QAT checkpoint or --weights, not both")
+    cfg = _model_cfg(model, model_arg, weights, trust_pickle) if (model or weights) else None
+    shard = api.parse_size(max_shard_size) if max_shard_size else None
+    with _interruptible():
+        result = api.fold(
+            output, qat_checkpoint=qat_checkpoint, model_cfg=cfg, check=check, atol=atol,
+            rtol=rtol, emit_qparams=emit_qparams, max_shard_size=shard, force=force,
+            allow_no_pairs=allow_no_pairs, strict=strict, target_column=target_column,
+            on_note=out.note,
+        )
+    _report_fold(out, result)
+
+
+def _report_fold(out: Output, result: Any) -> None:
+    unverified = set(result.metadata.get("unverified", []))
+    if unverified and result.check is None:
+        out.warn(f"{len(unverified)} pair(s) unverified: their feature axis was not proven; "
+                 "rerun with --check DATA")
+    obj = {
+        "output": str(result.output),
+        "files": [str(f) for f in result.files],
+        "source_stage": result.source_stage,
+        "pairs": result.pairs,
+        "skipped": result.skipped,
+        "unverified": sorted(unverified),
+        "removed": result.removed,
+        "check": result.check.to_json() if result.check else None,
+        "seconds": result.seconds,
+        "notes": result.notes,
+    }
+    out.result(obj)
+    if out.human:
+        out.table(_pair_table(result.pairs, result.skipped, unverified))
+        if result.check:
+            c = result.check
+            out.note(f"check vs {c.reference} model on {c.samples} samples: max abs error "
+                     f"{c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} -> "
+                     f"{'ok' if c.passed else 'FAILED'}")
+        out.note(f"wrote {', '.join(str(f) for f in result.files)} ({result.seconds:.2f} s)")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@app.command(epilog="Example:\n\n  qatconv demo --output-dir demo_out")
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the demo writes its files.")] = Path("qatconv-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace files from an earlier demo run.")] = True,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run prepare (fine-tune) -> fold -> check on the bundled digits MLP and show accuracies."""
+    from qatconv import demo as demo_mod
+
+    out = Output(json_mode=json_, quiet=quiet)
+    with _interruptible():
+        result = demo_mod.run(output_dir, force=force, on_note=out.note, progress=out.progress)
+    out.result(result.to_json())
+    if out.human:
+        out.table(demo_mod.table(result))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _interruptible:
+    """SIGTERM behaves like Ctrl-C while a command works (no partial output; exit 130)."""
+
+    def __enter__(self) -> None:
+        def raise_interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, raise_interrupt)
+        except ValueError:  # not the main thread (e.g. under a test runner thread)
+            self._old = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turn QatconvError into `error:` / `hint:` + exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("QATCONV_DEBUG") == "1"
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=r"torch\.ao\..*")
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="qatconv", standalone_mode=False)
+    except QatconvError as e:
+        if debug:
+            raise
+        sys.stderr.write(error_line(e.message, e.hint) + "\n")
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("error: interrupted; no output was written\n")
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,279 @@
+"""Checkpoint file (and optionally its model) -> `Inspection`. Never prints.
+
+For `.safetensors` files only the header and the small BatchNorm tensors are read, with numpy:
+torch is not imported, and the time does not grow with the file's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qatconv import st_format
+from qatconv.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qatconv.pairs import PairScan
+
+TINY_VAR = 1e-8
+
+_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+@dataclass
+class BnHealth:
+    """Problems in one BatchNorm's tensors (counts of channels)."""
+
+    bn: str
+    channels: int
+    zero_gamma: int = 0
+    tiny_var: int = 0
+    nonfinite: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.zero_gamma or self.tiny_var or self.nonfinite)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.zero_gamma:
+            out.append(f"{self.bn}: {self.zero_gamma} channel(s) with gamma == 0")
+        if self.tiny_var:
+            out.append(f"{self.bn}: {self.tiny_var} channel(s) with running_var <= {TINY_VAR:g}")
+        if self.nonfinite:
+            out.append(f"{self.bn}: {self.nonfinite} non-finite value(s)")
+        return out
+
+
+@dataclass
+class Inspection:
+    path: Path
+    format: str
+    files: list[Path]
+    tensors: int
+    parameters: int
+    bytes: int
+    dtypes: dict[str, int]
+    qatconv: dict[str, Any] | None
+    bn_health: list[BnHealth] = field(default_factory=list)
+    scan: PairScan | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        out = [p for h in self.bn_health for p in h.problems()]
+        if self.scan is not None:
+            out += [f"skipped {s.linear} -> {s.bn}: {s.code}" for s in self.scan.skipped]
+            out += [f"unverified {p.linear} -> {p.bn}" for p in self.scan.unverified]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "path": str(self.path),
+            "format": self.format,
+            "files": [str(f) for f in self.files],
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "dtypes": self.dtypes,
+            "qatconv": self.qatconv,
+            "bn_health": [
+                {
+                    "bn": h.bn,
+                    "channels": h.channels,
+                    "zero_gamma": h.zero_gamma,
+                    "tiny_var": h.tiny_var,
+                    "nonfinite": h.nonfinite,
+                }
+                for h in self.bn_health
+            ],
+            "pairs": None,
+            "notes": self.notes,
+            "problems": self.problems,
+        }
+        if self.scan is not None:
+            obj["pairs"] = self.scan.to_json()
+        return obj
+
+
+def inspect_file(path: Path, model: nn.Module | None = None, scan: PairScan | None = None,
+                 notes: list[str] | None = None,
+                 tensors: Mapping[str, Any] | None = None) -> Inspection:
+    """Describe the checkpoint at ``path``.
+
+    Args:
+        path: `.safetensors`, a sharded index (or its folder), or a torch pickle.
+        model: the loaded model, when `--model` was given (BN health then comes from it).
+        scan: its pair scan.
+        notes: what loading did.
+        tensors: the already-loaded tensors of a non-safetensors checkpoint.
+    """
+    path = Path(path)
+    headers = _safetensors_headers(path)
+    if headers is not None:
+        ins = _from_headers(path, headers)
+    elif tensors is not None:
+        ins = _from_tensors(path, tensors)
+    else:
+        from qatconv.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path)
+        ins = _from_tensors(path, loaded.tensors)
+        ins.notes += loaded.notes
+    if model is not None:
+        ins.bn_health = _health_from_model(model)
+    ins.scan = scan
+    ins.notes += notes or []
+    return ins
+
+
+def _safetensors_headers(path: Path) -> list[st_format.Header] | None:
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if len(index) == 1:
+            path = index[0]
+        elif len(singles) == 1:
+            path = singles[0]
+        else:
+            raise CheckpointError(
+                f"{path} is a folder without exactly one *.safetensors.index.json or .safetensors"
+            )
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path} is not a sharded-checkpoint index: {e}") from None
+        shards = sorted(set(weight_map.values()))
+        return [st_format.read_header(path.parent / s) for s in shards]
+    if path.suffix == ".safetensors":
+        return [st_format.read_header(path)]
+    return None
+
+
+def _from_headers(path: Path, headers: list[st_format.Header]) -> Inspection:
+    dtypes: Counter[str] = Counter()
+    params = nbytes = count = 0
+    for h in headers:
+        for info in h.tensors.values():
+            dtypes[info.dtype] += 1
+            params += info.numel
+            nbytes += info.nbytes
+            count += 1
+    meta = headers[0].metadata.get("qatconv") if headers else None
+    qat_meta = _parse_meta(path, meta)
+    ins = Inspection(
+        path,
+        "safetensors" if len(headers) == 1 else "safetensors-sharded",
+        [h.path for h in headers],
+        count,
+        params,
+        nbytes,
+        dict(sorted(dtypes.items())),
+        qat_meta,
+    )
+    ins.bn_health = _health_from_headers(headers)
+    return ins
+
+
+def _parse_meta(path: Path, raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: the qatconv metadata is not valid JSON") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def _read_np(header: st_format.Header, name: str) -> np.ndarray | None:
+    info = header.tensors[name]
+    if info.nbytes > 64 * 2**20:  # BN vectors are small; skip anything else
+        return None
+    with open(header.path, "rb") as f:
+        raw = os.pread(f.fileno(), info.nbytes, header.data_start + info.begin)
+    if info.dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    np_dtype = _NP_DTYPES.get(info.dtype)
+    if np_dtype is None:
+        return None
+    return np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np.float64)
+
+
+def _health_from_headers(headers: list[st_format.Header]) -> list[BnHealth]:
+    where = {name: h for h in headers for name in h.tensors}
+    out = []
+    for name in sorted(where):
+        if not name.endswith(".running_var"):
+            continue
+        prefix = name[: -len("running_var")]
+
+        def read(key: str, _p: str = prefix) -> np.ndarray | None:
+            k = _p + key
+            return _read_np(where[k], k) if k in where else None
+
+        out.append(
+            _health(prefix[:-1], read("weight"), read("bias"), read("running_mean"), read("running_var"))
+        )
+    return out
+
+
+def _from_tensors(path: Path, tensors: Mapping[str, Any]) -> Inspection:
+    dtypes: Counter[str] = Counter()
+    params = nbytes = 0
+    for t in tensors.values():
+        dtypes[str(t.dtype).removeprefix("torch.")] += 1
+        params += t.numel()
+        nbytes += t.numel() * t.element_size()
+    ins = Inspection(path, "pytorch", [path], len(tensors), params, nbytes,
+                     dict(sorted(dtypes.items())), None)
+    health = []
+    for name in sorted(tensors):
+        if name.endswith(".running_var"):
+            p = name[: -len("running_var")]
+
+            def get(key: str, _p: str = p) -> np.ndarray | None:
+                t = tensors.get(_p + key)
+                return None if t is None else t.detach().double().cpu().numpy()
+
+            health.append(_health(p[:-1], get("weight"), get("bias"), get("running_mean"),
+                                  get("running_var")))
+    ins.bn_health = health
+    return ins
+
+
+def _health_from_model(model: nn.Module) -> list[BnHealth]:
+    from torch import nn
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+            def arr(t: Any) -> np.ndarray | None:
+                return None if t is None else t.detach().double().cpu().numpy()
+
+            out.append(_health(name, arr(mod.weight), arr(mod.bias), arr(mod.running_mean),
+                               arr(mod.running_var)))
+    return out
+
+
+def _health(bn: str, gamma: np.ndarray | None, beta: np.ndarray | None,
+            mean: np.ndarray | None, var: np.ndarray | None) -> BnHealth:
+    channels = len(var) if var is not None else 0
+    h = BnHealth(bn, channels)
+    arrays = [a for a in (gamma, beta, mean, var) if a is not None]
+    h.nonfinite = int(sum((~np.isfinite(a)).sum() for a in arrays))
+    if gamma is not None:
+        h.zero_gamma = int((gamma == 0).sum())
+    if var is not None:
+        h.tiny_var = int((var <= TINY_VAR).sum())
+    return h

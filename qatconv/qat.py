@@ -1,0 +1,398 @@
+"""Swap Linear+BatchNorm1d pairs for LinearBn1d and run calibration or fine-tuning.
+
+`QatLinearBn1d` is a `torch.ao.nn.intrinsic.qat.LinearBn1d` (isinstance holds) whose forward
+fixes what the torch module gets wrong:
+
+- gamma == 0 channels: torch divides by ``gamma / std`` and produces NaN that poisons the BN
+  stats and the observer. A zero-gamma channel's BN output is beta whatever its input, so its
+  scale factor is taken as 1: exact, finite, and gradients still reach gamma.
+- the scaled weight ``W * gamma / std`` is computed in float64 (cast to the weight's dtype),
+  in the order `fold` uses, so the weight the observer sees is bit-identical to the folded one.
+- inputs with more than two dims (token-wise pairs) are flattened around the module.
+- the fake-quant op is skipped when both fake quant and observation are off, so the module also
+  runs in float64 (for tests) and under `disable_fake_quant` + `disable_observer`.
+
+The float model is never touched: tensors are cloned into the QAT modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatconv.config import Loss, Mode, Optimizer, QuantConfig, TrainConfig
+from qatconv.errors import BadInputError, DataError, QatconvError
+
+log = logging.getLogger(__name__)
+
+
+def _import_qat() -> tuple[type, type, type, type]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.ao.nn.intrinsic.qat import LinearBn1d
+            from torch.ao.quantization import (
+                FakeQuantizeBase,
+                FusedMovingAvgObsFakeQuantize,
+                MovingAveragePerChannelMinMaxObserver,
+            )
+    except ImportError as e:  # torch built without the ao QAT modules
+        raise QatconvError(
+            f"this torch ({torch.__version__}) has no torch.ao.nn.intrinsic.qat: {e}",
+            hint="install a torch build with quantization support: pip install 'torch>=2.4'",
+        ) from None
+    return (
+        LinearBn1d,
+        FakeQuantizeBase,
+        FusedMovingAvgObsFakeQuantize,
+        MovingAveragePerChannelMinMaxObserver,
+    )
+
+
+_LinearBn1d, FakeQuantizeBase, _FusedFQ, _PerChannelObserver = _import_qat()
+
+
+def make_qconfig(quant: QuantConfig) -> object:
+    """QConfig with per-channel symmetric weight fake quant; activations are left float."""
+    from torch.ao.quantization import QConfig
+
+    qmin, qmax = quant.quant_range
+    weight = _FusedFQ.with_args(
+        observer=_PerChannelObserver,
+        quant_min=qmin,
+        quant_max=qmax,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        # Memoryless: the scale follows the current weights, as the deployed fold will.
+        averaging_constant=1.0,
+    )
+    return QConfig(activation=nn.Identity, weight=weight)
+
+
+def bn_scale64(gamma: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gamma * rsqrt(running_var + eps)`` in float64: the fold's per-channel scale."""
+    return gamma.double() * torch.rsqrt(running_var.double() + eps)
+
+
+class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
+    """LinearBn1d with exact zero-gamma handling, float64 weight scaling and N-d inputs."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        lead = input.shape[:-1]
+        if input.dim() != 2:
+            input = input.reshape(-1, input.shape[-1])
+        bn = self.bn
+        gamma = bn.weight
+        scale64 = bn_scale64(gamma, bn.running_var, bn.eps)
+        scale64 = torch.where(gamma == 0, torch.ones_like(scale64), scale64)
+        scaled_weight = (self.weight.double() * scale64.unsqueeze(1)).to(self.weight.dtype)
+        fq = self.weight_fake_quant
+        if bool(fq.fake_quant_enabled[0]) or bool(fq.observer_enabled[0]):
+            scaled_weight = fq(scaled_weight)
+        scale = scale64.to(input.dtype)
+        out = F.linear(input, scaled_weight) / scale
+        if self.bias is not None:
+            out = out + self.bias
+        out = bn(out)
+        if len(lead) != 1:
+            out = out.reshape(*lead, out.shape[-1])
+        return out
+
+    @classmethod
+    def from_pair(cls, linear: nn.Linear, bn: nn.BatchNorm1d, qconfig: object) -> QatLinearBn1d:
+        """A QAT module holding clones of ``linear``'s and ``bn``'s tensors (never shared)."""
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bn.eps,
+            bn.momentum,
+            False,
+            qconfig,
+        )
+        ref = linear.weight
+        mod.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            mod.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+            if bn.affine:
+                mod.bn.weight.copy_(bn.weight)
+                mod.bn.bias.copy_(bn.bias)
+            else:
+                # affine=False is gamma = 1, beta = 0, fixed so the fold stays exact.
+                mod.bn.weight.fill_(1.0)
+                mod.bn.bias.zero_()
+                mod.bn.weight.requires_grad_(False)
+                mod.bn.bias.requires_grad_(False)
+            mod.bn.running_mean.copy_(bn.running_mean)
+            mod.bn.running_var.copy_(bn.running_var)
+            mod.bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        mod.weight_fake_quant.to(device=ref.device)
+        return mod
+
+
+def swap_pairs_(model: nn.Module, pairs: Sequence[dict], qconfig: object) -> dict[str, nn.Module]:
+    """Put a `QatLinearBn1d` at each pair's Linear path and `nn.Identity` at its BN path.
+
+    Args:
+        model: modified in place (pass a deep copy to keep the float model).
+        pairs: pair records (``linear``, ``bn`` paths).
+        qconfig: from `make_qconfig`.
+
+    Returns:
+        The QAT modules by path.
+    """
+    swapped: dict[str, nn.Module] = {}
+    for pair in pairs:
+        linear = model.get_submodule(pair["linear"])
+        bn = model.get_submodule(pair["bn"])
+        if not isinstance(linear, nn.Linear) or not isinstance(bn, nn.BatchNorm1d):
+            raise BadInputError(
+                f"pair {pair['linear']} -> {pair['bn']} is not a Linear and a BatchNorm1d"
+            )
+        if bn.running_var is None or bn.running_mean is None:
+            raise BadInputError(f"{pair['bn']} tracks no running stats; it cannot be folded")
+        qat = QatLinearBn1d.from_pair(linear, bn, qconfig)
+        _set_submodule(model, pair["linear"], qat)
+        _set_submodule(model, pair["bn"], nn.Identity())
+        swapped[pair["linear"]] = qat
+    return swapped
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def qat_modules(model: nn.Module) -> Iterator[tuple[str, QatLinearBn1d]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QatLinearBn1d):
+            yield name, mod
+
+
+def set_fake_quant_(model: nn.Module, *, fake_quant: bool, observer: bool) -> None:
+    """Switch fake quantization and observation on/off for every weight fake-quant."""
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantizeBase):
+            (mod.enable_fake_quant if fake_quant else mod.disable_fake_quant)()
+            (mod.enable_observer if observer else mod.disable_observer)()
+
+
+def refresh_observers_(model: nn.Module) -> None:
+    """Observe the current scaled weights once, so stored qparams match the final weights."""
+    with torch.no_grad():
+        for _, mod in qat_modules(model):
+            fq = mod.weight_fake_quant
+            if not bool(fq.observer_enabled[0]):
+                continue
+            gamma = mod.bn.weight
+            scale64 = bn_scale64(gamma, mod.bn.running_var, mod.bn.eps)
+            scale64 = torch.where(gamma == 0, torch.ones_like(scale64), scale64)
+            fq((mod.weight.double() * scale64.unsqueeze(1)).to(mod.weight.dtype))
+
+
+@dataclass
+class StepInfo:
+    """Progress of a fine-tune, passed to the `on_step` callback."""
+
+    step: int
+    total: int
+    loss: float
+    samples_per_s: float
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+    bn_frozen_at: int | None = None
+    observers_frozen_at: int | None = None
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled index batches; the last short batch of an epoch is dropped if < 2."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            if len(idx) >= 2:
+                yield idx
+
+
+def _forward_batches(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    return torch.cat(outs)
+
+
+def calibrate_(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int,
+    recalibrate_bn: bool,
+) -> None:
+    """Observe weight ranges; optionally re-estimate BN stats as exact averages over the data.
+
+    BN stats are re-estimated one pair at a time in graph order, each with the upstream pairs
+    already re-estimated, by accumulating float64 sums of the BN's input over all of the data.
+    """
+    model.eval()
+    qats = list(qat_modules(model))
+    with torch.no_grad():
+        if recalibrate_bn:
+            set_fake_quant_(model, fake_quant=False, observer=False)
+            for _, mod in qats:
+                _reestimate_bn_(model, mod, inputs, batch_size)
+        set_fake_quant_(model, fake_quant=True, observer=True)
+        refresh_observers_(model)
+        set_fake_quant_(model, fake_quant=True, observer=False)
+
+
+def _reestimate_bn_(
+    model: nn.Module, mod: QatLinearBn1d, inputs: torch.Tensor, batch_size: int
+) -> None:
+    acc: dict[str, torch.Tensor | int] = {"n": 0}
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].double()
+        acc["n"] = int(acc["n"]) + x.shape[0]
+        acc["s"] = acc.get("s", 0) + x.sum(0)
+        acc["ss"] = acc.get("ss", 0) + (x * x).sum(0)
+
+    handle = mod.bn.register_forward_pre_hook(hook)
+    try:
+        _forward_batches(model, inputs, batch_size)
+    finally:
+        handle.remove()
+    n = int(acc["n"])
+    if n < 2:
+        raise DataError("--recalibrate-bn needs at least 2 samples")
+    mean = acc["s"] / n
+    var = (acc["ss"] - n * mean * mean) / (n - 1)  # unbiased, as BatchNorm stores it
+    mod.bn.running_mean.copy_(mean.to(mod.bn.running_mean.dtype))
+    mod.bn.running_var.copy_(var.clamp_min(0).to(mod.bn.running_var.dtype))
+    mod.bn.num_batches_tracked.fill_(1)
+
+
+def loss_fn(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if loss is Loss.cross_entropy:
+        return F.cross_entropy
+    return F.mse_loss
+
+
+def finetune_(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    config: TrainConfig,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Gradient steps on the QAT model with the BN and observer freeze schedule.
+
+    Args:
+        model: the QAT model (modified in place).
+        teacher: the float model, for ``--loss distill`` (its outputs are the targets).
+        inputs, targets: the training data (targets unused for distill).
+        config: steps, batch size, lr, loss, optimizer, freeze schedule, seed.
+        on_step: called after every step.
+    """
+    if config.mode is not Mode.finetune:
+        raise ValueError("finetune_ needs mode=finetune")
+    gen = torch.Generator().manual_seed(config.seed)
+    criterion = loss_fn(config.loss)
+    if config.loss is Loss.distill:
+        if teacher is None:
+            raise ValueError("distill needs the float model")
+        with torch.no_grad():
+            teacher.eval()
+            goal = _forward_batches(teacher, inputs, 1024).detach()
+    else:
+        if targets is None:
+            raise DataError(
+                f"--loss {config.loss.value} needs targets in the data file",
+                hint="add `targets` to the data, or use --loss distill (label-free)",
+            )
+        goal = targets
+        if config.loss is Loss.mse:
+            goal = goal.to(inputs.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer is Optimizer.sgd:
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr)
+    qats = [m for _, m in qat_modules(model)]
+    model.train()
+    set_fake_quant_(model, fake_quant=True, observer=True)
+    result = TrainResult()
+    bn_at, obs_at = config.bn_freeze_step, config.observer_freeze_step
+    batches = _batches(len(inputs), config.batch_size, gen)
+    start = time.perf_counter()
+    for step in range(config.steps):
+        if step == bn_at:
+            for m in qats:
+                m.freeze_bn_stats()
+            result.bn_frozen_at = step
+        if step == obs_at:
+            for m in qats:
+                m.weight_fake_quant.disable_observer()
+            result.observers_frozen_at = step
+        idx = next(batches)
+        out = model(inputs[idx])
+        loss = criterion(out, goal[idx])
+        if not torch.isfinite(loss):
+            raise QatconvError(
+                f"loss became {loss.item()} at step {step}",
+                hint="lower --lr, or check the data for extreme values",
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        result.losses.append(float(loss))
+        result.samples += len(idx)
+        if on_step is not None:
+            elapsed = time.perf_counter() - start
+            on_step(StepInfo(step + 1, config.steps, float(loss), result.samples / elapsed))
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        refresh_observers_(model)
+    set_fake_quant_(model, fake_quant=True, observer=False)
+    return result
+
+
+def simulated_metrics(
+    qat_model: nn.Module, float_model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024
+) -> dict[str, float]:
+    """Agreement of the int8-simulated QAT model (fake quant on, eval) with the float model.
+
+    Returns ``relative_mse`` always and ``top1_agreement`` when outputs are (N, classes).
+    """
+    qat_model.eval()
+    float_model.eval()
+    with torch.no_grad():
+        set_fake_quant_(qat_model, fake_quant=True, observer=False)
+        q = _forward_batches(qat_model, inputs, batch_size).double()
+        f = _forward_batches(float_model, inputs, batch_size).double()
+    denom = float((f * f).mean())
+    metrics = {"relative_mse": float(((q - f) ** 2).mean()) / denom if denom > 0 else math.nan}
+    if q.dim() == 2 and q.shape[1] > 1:
+        metrics["top1_agreement"] = float((q.argmax(1) == f.argmax(1)).double().mean())
+    return metrics
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
