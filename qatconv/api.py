@@ -140,7 +140,7 @@ def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> None
         with torch.no_grad():
             model.eval()
             model(inputs[:2])
-    except Exception as e:  # any failure here means the data's shape or type does not fit
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"the data in {path} (inputs {tuple(inputs.shape)}) does not fit the model: {first}",
@@ -533,10 +533,10 @@ def _fold_stream_or_memory(
     from qatconv import checkpoint
 
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
-    kwargs = dict(
-        metadata=metadata, emit_qparams=emit_qparams, max_shard_size=max_shard_size,
-        force=force, on_pair=on_pair,
-    )
+    kwargs = {
+        "metadata": metadata, "emit_qparams": emit_qparams, "max_shard_size": max_shard_size,
+        "force": force, "on_pair": on_pair,
+    }
     if state is None or _streamable(source, state):
         return fold_mod.fold_file(source, out, fpairs, **kwargs)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".src.safetensors",
@@ -555,7 +555,7 @@ def _streamable(source: Path, state: dict[str, torch.Tensor]) -> bool:
     from qatconv import st_format
 
     name = source.name
-    if not (name.endswith(".safetensors") or name.endswith(".index.json")):
+    if not (name.endswith((".safetensors", ".index.json"))):
         return False
     if name.endswith(".index.json"):
         keys = set(json.loads(source.read_text()).get("weight_map", {}))
@@ -616,6 +616,25 @@ def verify(
     max_rel = float((diff / scale.clamp_min(1e-12)).max()) if diff.numel() else 0.0
     passed = bool((diff <= atol + rtol * scale).all()) and bool(torch.isfinite(got).all())
     return CheckResult(max_abs, max_rel, atol, rtol, passed, ref_name, len(inputs))
+
+
+def load_qat(path: Path | str, model_cfg: ModelConfig | None = None) -> nn.Module:
+    """The int8-simulated model of a QAT checkpoint: fake quant on, observers off, eval mode.
+
+    Args:
+        path: a checkpoint written by `prepare`.
+        model_cfg: the model spec when the checkpoint's metadata does not name one.
+    """
+    from qatconv import checkpoint, qat
+
+    path = Path(path)
+    meta = checkpoint.read_metadata(path)
+    if meta.get("stage") != "qat":
+        raise BadInputError(f"{path} is not a QAT checkpoint (stage: {meta.get('stage', 'none')})")
+    model = build_qat_model(meta, model_cfg)
+    checkpoint.load_into(model, checkpoint.load_checkpoint(path).tensors, source=str(path))
+    qat.set_fake_quant_(model, fake_quant=True, observer=False)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------- load_folded
@@ -747,6 +766,7 @@ __all__ = [
     "inspect_path",
     "load_folded",
     "load_model",
+    "load_qat",
     "prepare",
     "verify",
 ]

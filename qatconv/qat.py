@@ -361,7 +361,7 @@ def finetune_(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
         result.samples += len(idx)
         if on_step is not None:
             elapsed = time.perf_counter() - start

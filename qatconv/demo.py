@@ -1,0 +1,172 @@
+"""`qatconv demo`: the whole job on the bundled digits MLP, through `api` only.
+
+float checkpoint -> PTQ (calibrate) at 8 bits and low bit widths -> QAT (fine-tune) at 8 bits and
+at the widest low bit width where PTQ loses >= 2 points -> fold the 8-bit QAT checkpoint with a
+check -> held-out accuracies of every stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qatconv import api
+from qatconv.config import Loss, Mode, ModelConfig, QuantConfig, TrainConfig
+from qatconv.errors import BadInputError
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SPEC = "digits_mlp.py:DigitsMLP"
+LOW_BITS = (4, 3, 2)
+PTQ_LOSS_POINTS = 0.02
+# Fine-tune recipe, chosen on the calibration split (see README "demo").
+FINETUNE = {"steps": 400, "batch_size": 128, "lr": 1e-3, "loss": Loss.distill}
+
+
+@dataclass
+class DemoResult:
+    float_accuracy: float
+    ptq_accuracy: dict[str, float]
+    qat_accuracy: dict[str, float]
+    folded_accuracy: float
+    max_fold_error: float
+    low_bits: int | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "float_accuracy": self.float_accuracy,
+            "ptq_accuracy": self.ptq_accuracy,
+            "qat_accuracy": self.qat_accuracy,
+            "folded_accuracy": self.folded_accuracy,
+            "max_fold_error": self.max_fold_error,
+            "low_bits": self.low_bits,
+            "seconds": self.seconds,
+            "files": self.files,
+        }
+
+
+def _accuracy(model: Any, inputs: Any, targets: Any) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return float((model(inputs).argmax(1) == targets).double().mean())
+
+
+def run(
+    output_dir: Path,
+    *,
+    force: bool = True,
+    on_note: Callable[[str], None] | None = None,
+    progress: Callable[[str, int], AbstractContextManager[Callable[..., None]]] | None = None,
+) -> DemoResult:
+    """Run the demo pipeline, writing its checkpoints into ``output_dir``."""
+    from qatconv import data as data_mod
+
+    note = on_note or (lambda s: None)
+    if not (SAMPLES / "digits_mlp.safetensors").exists():
+        raise BadInputError(
+            f"the bundled samples are missing ({SAMPLES})",
+            hint="run the demo from a clone of the qatconv repository (pip install -e .)",
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec = str(SAMPLES / SPEC)
+    weights = SAMPLES / "digits_mlp.safetensors"
+    model_cfg = ModelConfig(spec=spec, weights=weights)
+    calib, train, heldout = (SAMPLES / f"digits_{s}.npz" for s in ("calib", "train", "heldout"))
+    held = data_mod.load_data(heldout)
+    seconds: dict[str, float] = {}
+    files: list[str] = []
+
+    t = time.perf_counter()
+    float_model = api.load_model(model_cfg).model
+    float_acc = _accuracy(float_model, held.inputs, held.targets)
+    seconds["float_eval"] = time.perf_counter() - t
+
+    def prepare(bits: int, mode: Mode) -> float:
+        out = output_dir / f"digits_{mode.value}_w{bits}.safetensors"
+        train_cfg = (
+            TrainConfig(mode=Mode.calibrate)
+            if mode is Mode.calibrate
+            else TrainConfig(mode=Mode.finetune, **FINETUNE)  # type: ignore[arg-type]
+        )
+        steps = train_cfg.steps if mode is Mode.finetune else 0
+        ctx = progress(f"QAT w{bits}", steps) if (progress and steps) else None
+        advance = ctx.__enter__() if ctx else None
+        try:
+            api.prepare(
+                model_cfg, train if mode is Mode.finetune else calib, out, train=train_cfg,
+                quant=QuantConfig(weight_bits=bits), force=force,
+                on_step=(lambda i: advance(i.step, info=f"loss {i.loss:.3g}")) if advance else None,
+            )
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+        files.append(str(out))
+        return _accuracy(api.load_qat(out, ModelConfig(spec=spec)), held.inputs, held.targets)
+
+    t = time.perf_counter()
+    ptq = {"8": prepare(8, Mode.calibrate)}
+    low_bits = None
+    for bits in LOW_BITS:
+        ptq[str(bits)] = prepare(bits, Mode.calibrate)
+        if float_acc - ptq[str(bits)] >= PTQ_LOSS_POINTS:
+            low_bits = bits
+            break
+    seconds["ptq"] = time.perf_counter() - t
+    note("PTQ held-out accuracy: " + ", ".join(f"w{b}: {a:.2%}" for b, a in ptq.items()))
+
+    t = time.perf_counter()
+    qat = {"8": prepare(8, Mode.finetune)}
+    if low_bits is not None:
+        qat[str(low_bits)] = prepare(low_bits, Mode.finetune)
+    seconds["qat_finetune"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    qat8 = output_dir / "digits_finetune_w8.safetensors"
+    folded_path = output_dir / "digits_folded_w8.safetensors"
+    result = api.fold(folded_path, qat_checkpoint=qat8, check=heldout, force=force,
+                      emit_qparams=True)
+    files.append(str(folded_path))
+    seconds["fold_check"] = time.perf_counter() - t
+    folded = api.load_folded(api.load_model(ModelConfig(spec=spec)).model, folded_path)
+    folded_acc = _accuracy(folded, held.inputs, held.targets)
+    assert result.check is not None
+    return DemoResult(
+        float_accuracy=float_acc,
+        ptq_accuracy=ptq,
+        qat_accuracy=qat,
+        folded_accuracy=folded_acc,
+        max_fold_error=result.check.max_abs_error,
+        low_bits=low_bits,
+        seconds=seconds,
+        files=files,
+    )
+
+
+def table(result: DemoResult) -> Any:
+    from rich.table import Table
+
+    t = Table(title="qatconv demo: digits MLP, held-out accuracy", title_justify="left")
+    t.add_column("model")
+    t.add_column("accuracy", justify="right")
+    t.add_column("vs float", justify="right")
+    t.add_row("float (checkpoint)", f"{result.float_accuracy:.2%}", "")
+    for bits, acc in result.ptq_accuracy.items():
+        t.add_row(f"PTQ int{bits}-simulated", f"{acc:.2%}",
+                  f"{(acc - result.float_accuracy) * 100:+.1f} pt")
+    for bits, acc in result.qat_accuracy.items():
+        t.add_row(f"QAT int{bits}-simulated", f"{acc:.2%}",
+                  f"{(acc - result.float_accuracy) * 100:+.1f} pt")
+    t.add_row("folded (BN gone, float weights)", f"{result.folded_accuracy:.2%}",
+              f"{(result.folded_accuracy - result.float_accuracy) * 100:+.1f} pt")
+    t.caption = (
+        f"max fold error {result.max_fold_error:.2e}; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    )
+    return t
