@@ -1,0 +1,655 @@
+"""Read and write checkpoints: safetensors (single or sharded), torch pickles, containers, prefixes.
+
+Reading never trusts a file: safetensors headers are validated by `qatconv.st_format` before the
+safetensors library sees them, pickles go through ``torch.load(weights_only=True)`` unless the
+user said ``--trust-pickle``, and every failure becomes a `CheckpointError` (exit 3).
+
+Writing is atomic and deterministic: a temp file beside the target, fsync, ``os.replace``; the
+header (sorted metadata, tensors ordered by element size then name) is written here rather than
+by the safetensors library, whose metadata order changes from run to run.
+
+torch is imported inside the functions that need it, so `read_metadata` (used by `inspect`)
+stays torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatconv import st_format
+from qatconv.errors import CheckpointError, OutputError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIX = ".safetensors.index.json"
+# Keys under which training loops and Lightning keep the model's tensors, in priority order.
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# DDP, torch.compile, Lightning: stripped only when that makes the keys match the model better.
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+_MAX_STRIPS = 4
+METADATA_KEY = "qatconv"
+
+_TRUST_HINT = "if you trust this file, rerun with --trust-pickle (unpickling it can run any code)"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The tensors of one checkpoint and what was done to get them.
+
+    Attributes:
+        tensors: name -> CPU tensor, after unwrapping containers (prefixes are not stripped
+            here; see `align_state_dict`).
+        metadata: safetensors ``__metadata__`` (string -> string); {} for torch pickles.
+        notes: human sentences saying what was done ("unwrapped container key 'state_dict'").
+        module: the pickled whole ``nn.Module`` when the file held one (``--trust-pickle``).
+        format: "safetensors", "safetensors-sharded" or "torch".
+        files: every file read (index and shards included), for output-clobbering checks.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    module: torch.nn.Module | None = None
+    format: str = "safetensors"
+    files: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Read a checkpoint file or folder into CPU tensors.
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.safetensors.index.json`` (Hugging Face
+            ``weight_map``), a folder holding exactly one such index (or exactly one
+            ``.safetensors``), or a ``.pt/.pth/.bin/.ckpt`` torch pickle.
+        trust_pickle: allow ``torch.load(weights_only=False)`` for pickles that need code.
+
+    Returns:
+        The tensors, metadata, notes on containers unwrapped, and the files read.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt, empty, or refused (needs
+            ``--trust-pickle``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
+        )
+    if path.is_dir():
+        path = _pick_from_folder(path)
+    name = path.name.lower()
+    if name.endswith(INDEX_SUFFIX):
+        return _load_sharded(path)
+    if name.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if name.endswith(TORCH_SUFFIXES):
+        return _load_torch(path, trust_pickle=trust_pickle)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint extension {path.suffix or '(none)'!r}",
+        hint="use .safetensors, a *.safetensors.index.json, or a torch file (.pt .pth .bin .ckpt)",
+    )
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint path stands for (a folder or index expands to its shards).
+
+    Cheap (reads at most the index JSON); use it for output-clobbering checks before loading.
+
+    Raises:
+        CheckpointError: as `load_checkpoint` does for a folder or index it cannot resolve.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _pick_from_folder(path)
+    if path.name.lower().endswith(INDEX_SUFFIX):
+        _, weight_map = _read_index(path)
+        return [path, *(path.parent / f for f in sorted(set(weight_map.values())))]
+    return [path]
+
+
+def _pick_from_folder(folder: Path) -> Path:
+    indexes = sorted(p for p in folder.iterdir() if p.name.lower().endswith(INDEX_SUFFIX))
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(indexes) > 1:
+        raise CheckpointError(
+            f"folder {folder} holds {len(indexes)} safetensors indexes "
+            f"({', '.join(p.name for p in indexes)})",
+            hint="pass the index file you mean instead of the folder",
+        )
+    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise CheckpointError(
+            f"folder {folder} holds no .safetensors file and no *{INDEX_SUFFIX}",
+            hint="pass the checkpoint file itself",
+        )
+    raise CheckpointError(
+        f"folder {folder} holds {len(files)} .safetensors files and no *{INDEX_SUFFIX} "
+        "saying how they belong together",
+        hint="pass one file, or add a Hugging Face index (weight_map) for the shards",
+    )
+
+
+def _read_st_tensors(path: Path, names: Iterable[str]) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names:
+                # clone(): never keep tensors that may view a memory-mapped input file.
+                out[name] = f.get_tensor(name).clone()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise CheckpointError(
+            f"cannot read {path}: {_first_line(e)}",
+            hint="re-export the checkpoint, or check that the copy is complete",
+        ) from e
+    return out
+
+
+def _load_safetensors(path: Path) -> LoadedCheckpoint:
+    header = st_format.read_header(path)
+    tensors = _read_st_tensors(path, sorted(header.tensors))
+    if not tensors:
+        raise _empty(path)
+    return LoadedCheckpoint(tensors, dict(header.metadata), [], None, "safetensors", [path])
+
+
+def _read_index(index: Path) -> tuple[dict[str, object], dict[str, str]]:
+    try:
+        obj = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {index}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{index} is not valid JSON ({e})", hint="re-export the sharded checkpoint"
+        ) from None
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index} has no valid 'weight_map' (tensor name -> shard file name)",
+            hint="a Hugging Face index looks like "
+            '{"metadata": {...}, "weight_map": {"layer.weight": "model-00001-of-00002.safetensors"}}',
+        )
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index}: shard {shard!r} is not a file name in the index's folder",
+                hint="weight_map values must be plain file names beside the index",
+            )
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{index}: 'metadata' is not a JSON object")
+    return metadata, weight_map
+
+
+def _load_sharded(index: Path) -> LoadedCheckpoint:
+    index_metadata, weight_map = _read_index(index)
+    if not weight_map:
+        raise _empty(index)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    tensors: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    notes: list[str] = []
+    files = [index]
+    for shard in sorted(by_shard):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(
+                f"{index} names shard {shard} but {shard_path} does not exist",
+                hint="copy every shard beside the index",
+            )
+        header = st_format.read_header(shard_path)
+        wanted = sorted(by_shard[shard])
+        missing = [n for n in wanted if n not in header.tensors]
+        if missing:
+            raise CheckpointError(
+                f"{index} maps {len(missing)} tensor(s) to {shard} that it does not hold "
+                f"(first: {', '.join(missing[:5])})",
+                hint="the index and the shards come from different exports",
+            )
+        extra = sorted(set(header.tensors) - set(wanted))
+        if extra:
+            notes.append(
+                f"ignored {len(extra)} tensor(s) in {shard} that the index does not list "
+                f"(first: {', '.join(extra[:5])})"
+            )
+        if not metadata:
+            metadata = dict(header.metadata)
+        tensors.update(_read_st_tensors(shard_path, wanted))
+        files.append(shard_path)
+    for key, value in index_metadata.items():
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    notes.insert(0, f"read {len(by_shard)} shard(s) listed in {index.name}")
+    return LoadedCheckpoint(tensors, metadata, notes, None, "safetensors-sharded", files)
+
+
+def _load_torch(path: Path, *, trust_pickle: bool) -> LoadedCheckpoint:
+    import pickle
+
+    import torch
+
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript dispatch warning; refused below
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not str(e).startswith("Weights only load failed"):
+            raise _corrupt(path, e) from e
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} needs code to unpickle ({_blocked_global(e)}); refused", hint=_TRUST_HINT
+            ) from None
+        obj = _load_untrusted(path)
+        notes.append("loaded with --trust-pickle (weights_only=False)")
+    except RuntimeError as e:
+        if "TorchScript" not in str(e):
+            raise _corrupt(path, e) from e
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} is a TorchScript archive; loading it runs its code", hint=_TRUST_HINT
+            ) from None
+        obj = _load_untrusted(path)
+        notes.append("loaded a TorchScript archive with --trust-pickle")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        raise _corrupt(path, e) from e
+    tensors, module = _unwrap(obj, path, notes)
+    return LoadedCheckpoint(tensors, {}, notes, module, "torch", [path])
+
+
+def _load_untrusted(path: Path) -> Any:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript dispatch warning
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise CheckpointError(
+            f"cannot unpickle {path}: {_first_line(e)}",
+            hint="the pickle needs the code that saved it importable; or save "
+            "model.state_dict() and pass --model instead",
+        ) from e
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
+def _unwrap(obj: Any, path: Path, notes: list[str]) -> tuple[dict[str, Any], Any]:
+    import torch
+    from torch import nn
+
+    module: nn.Module | None = None
+    for _ in range(4):  # nested containers: {"model": {"state_dict": ...}}
+        if isinstance(obj, nn.Module):
+            module = obj.eval()
+            notes.append(
+                f"the checkpoint holds a whole {type(obj).__name__} module; using its state_dict"
+            )
+            obj = dict(obj.state_dict())
+            break
+        if not isinstance(obj, Mapping):
+            break
+        key = next((k for k in CONTAINER_KEYS if k in obj and _holds_tensors(obj[k])), None)
+        if key is None:
+            break
+        others = sorted(str(k) for k in obj if k != key)
+        note = f"unwrapped container key {key!r}"
+        if others:
+            note += f" (ignored {len(others)} other entries: {', '.join(others[:5])}"
+            note += ", ...)" if len(others) > 5 else ")"
+        notes.append(note)
+        obj = obj[key]
+    if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a dict of tensors",
+            hint="save model.state_dict() (a dict name -> tensor)",
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    dropped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if dropped:
+        more = ", ..." if len(dropped) > 5 else ""
+        notes.append(f"dropped {len(dropped)} non-tensor entries: {', '.join(dropped[:5])}{more}")
+    if not tensors:
+        raise _empty(path)
+    return tensors, module
+
+
+def _holds_tensors(value: object) -> bool:
+    import torch
+    from torch import nn
+
+    if isinstance(value, nn.Module):
+        return True
+    if not isinstance(value, Mapping):
+        return False
+    return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value.values())
+
+
+def _blocked_global(e: Exception) -> str:
+    m = re.search(r"GLOBAL ([\w.<>]+)", str(e))
+    return f"it references {m.group(1)}" if m else "it holds more than tensors"
+
+
+def _corrupt(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read {path} as a torch checkpoint: {_first_line(e) or type(e).__name__}",
+        hint="the file is corrupt, truncated, or not a torch.save file",
+    )
+
+
+def _empty(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} holds no tensors", hint="check that this is the model's checkpoint"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError):
+        text = f"KeyError {text}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------ matching to a model
+
+
+def align_state_dict(
+    tensors: dict[str, torch.Tensor], model_keys: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip ``module.`` / ``_orig_mod.`` / ``model.`` prefixes where that fits the model better.
+
+    Prefixes are stripped (each from the keys that carry it) in whatever sequence, up to
+    `_MAX_STRIPS` deep and in any order, makes the most keys match ``model_keys``; ties go to
+    fewer strips, so nothing is stripped unless it helps. A strip that would make two keys
+    collide is never done.
+
+    Returns:
+        The (possibly renamed) tensors and one note per prefix stripped, in order.
+    """
+    wanted = set(model_keys)
+    start = dict(tensors)
+    best_score = len(wanted.intersection(start))
+    best: tuple[dict[str, Any], list[str]] = (start, [])
+    frontier: list[tuple[dict[str, Any], list[str]]] = [(start, [])]
+    for _ in range(_MAX_STRIPS):  # breadth first: a shallower sequence wins ties
+        deeper: list[tuple[dict[str, Any], list[str]]] = []
+        for current, notes in frontier:
+            for prefix in STRIP_PREFIXES:
+                n_carry = sum(k.startswith(prefix) for k in current)
+                if not n_carry:
+                    continue
+                renamed = {k.removeprefix(prefix): v for k, v in current.items()}
+                if len(renamed) != len(current):
+                    continue  # collision
+                step = [*notes, f"stripped key prefix {prefix!r} from {n_carry} keys"]
+                score = len(wanted.intersection(renamed))
+                if score > best_score:
+                    best_score, best = score, (renamed, step)
+                deeper.append((renamed, step))
+        frontier = deeper
+    return best
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``model`` strictly (names and shapes must match exactly).
+
+    A missing ``num_batches_tracked`` is tolerated, as ``load_state_dict`` itself does for
+    BatchNorm state dicts saved without version metadata.
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped keys (the first 5 of each, sorted,
+            and their counts), or any other refusal of ``load_state_dict``.
+    """
+    expected = model.state_dict()
+    missing = sorted(
+        k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")
+    )
+    unexpected = sorted(k for k in tensors if k not in expected)
+    misshaped = sorted(
+        f"{k} (checkpoint {list(tensors[k].shape)}, model {list(expected[k].shape)})"
+        for k in tensors
+        if k in expected and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    )
+    problems = [
+        _listing(what, keys)
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit the model: {'; '.join(problems)}",
+            hint="check --model and --model-arg (the model must be the one the checkpoint was "
+            "saved from), or whether this is the right checkpoint",
+        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{source} does not fit the model: {_first_line(e)}",
+            hint="check --model and --model-arg, or whether this is the right checkpoint",
+        ) from e
+
+
+def _listing(what: str, keys: list[str]) -> str:
+    more = ", ..." if len(keys) > 5 else ""
+    return f"{len(keys)} {what} key(s): {', '.join(keys[:5])}{more}"
+
+
+# --------------------------------------------------------------------------------------- writing
+
+_ST_DTYPES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64",
+}  # fmt: skip
+
+
+def check_output_path(path: Path, *, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse an output path before any work is done.
+
+    Raises:
+        OutputError: ``path`` is one of ``inputs`` (even with ``force``), exists without
+            ``force``, is a folder, or its folder is missing or not writable.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise OutputError(
+            f"output folder {folder} does not exist", hint=f"create it first: mkdir -p {folder}"
+        )
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output folder {folder} is not writable", hint="choose another -o location"
+        )
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise OutputError(
+            f"output {path} is a folder", hint="give a file name, e.g. out.safetensors"
+        )
+    for inp in inputs:
+        try:
+            same = os.path.samefile(path, inp)
+        except OSError:
+            same = False
+        if same:
+            raise OutputError(
+                f"output {path} is the input {inp}; refusing to overwrite it",
+                hint="write to another file (-o)",
+            )
+    if not force:
+        raise OutputError(
+            f"output {path} already exists", hint="pass --force to replace it, or choose another -o"
+        )
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    metadata: dict[str, str],
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+) -> None:
+    """Write ``tensors`` as one safetensors file, atomically and byte-deterministically.
+
+    The metadata always gets ``"format": "pt"``; its keys are sorted, tensors are laid out by
+    element size (largest first, so each is aligned) then name. The bytes go to a temp file in
+    the target folder, are fsynced, and replace ``path`` with ``os.replace``; on any failure the
+    temp file is removed and ``path`` is untouched.
+
+    Raises:
+        OutputError: see `check_output_path`; a tensor dtype safetensors cannot hold; a
+            metadata value that is not a string; a write error.
+    """
+    path = Path(path)
+    check_output_path(path, force=force, inputs=inputs)
+    meta = dict(metadata)
+    bad = sorted(str(k) for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str)))
+    if bad:
+        raise OutputError(f"metadata entries must be strings: {', '.join(bad[:5])}")
+    meta["format"] = "pt"
+    prepared = {name: _prepare(name, t) for name, t in tensors.items()}
+    order = sorted(prepared, key=lambda n: (-prepared[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    for name in order:
+        t = prepared[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[str(t.dtype).removeprefix("torch.")],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data buffer starts 8-byte aligned
+    _atomic_write(path, raw, [prepared[n] for n in order])
+
+
+def _prepare(name: str, t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise OutputError(f"cannot save {name!r}: it is a {type(t).__name__}, not a tensor")
+    if str(t.dtype).removeprefix("torch.") not in _ST_DTYPES or t.is_sparse or t.is_quantized:
+        raise OutputError(f"cannot save {name!r}: safetensors has no {t.dtype} (or layout) type")
+    return t.detach().to("cpu").contiguous()
+
+
+def _atomic_write(path: Path, header: bytes, tensors: list[torch.Tensor]) -> None:
+    import torch
+
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for t in tensors:
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects of an output
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# -------------------------------------------------------------------------------------- metadata
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The parsed ``qatconv`` JSON metadata of a safetensors checkpoint, without torch.
+
+    For a sharded checkpoint (index or its folder) the index's ``metadata`` is used when it
+    holds a ``qatconv`` entry, else the first shard's header.
+
+    Returns:
+        The metadata object; {} when the file has none.
+
+    Raises:
+        CheckpointError: unreadable header, or ``qatconv`` metadata that is not a JSON object.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _pick_from_folder(path)
+    raw: object = None
+    if path.name.lower().endswith(INDEX_SUFFIX):
+        index_metadata, weight_map = _read_index(path)
+        raw = index_metadata.get(METADATA_KEY)
+        if isinstance(raw, dict):
+            return raw
+        if raw is None and weight_map:
+            path = path.parent / min(set(weight_map.values()))
+    if raw is None:
+        raw = st_format.read_header(path).metadata.get(METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        obj = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({e})",
+            hint="the file was edited or written by another tool; re-run qatconv to recreate it",
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: the {METADATA_KEY!r} metadata is not a JSON object",
+            hint="the file was edited or written by another tool; re-run qatconv to recreate it",
+        )
+    return obj
