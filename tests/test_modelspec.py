@@ -1,0 +1,288 @@
+"""Tests for qatconv.modelspec: --model-arg parsing, both spec forms, and every failure."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from qatconv.errors import ModelSpecError, UsageError
+from qatconv.modelspec import build_model, parse_model_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+NET_PY = """
+import torch
+from torch import nn
+
+WIDTH = 4
+not_a_model = 3
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 4, act: str = "relu") -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.act = act
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def make(hidden: int = 4) -> nn.Module:
+    return Net(hidden=hidden)
+
+
+def make_nothing():
+    return {"fc": 1}
+
+
+def broken(hidden: int = 4):
+    raise ValueError("hidden must be even\\nsecond line")
+
+
+class Zoo:
+    @staticmethod
+    def small() -> nn.Module:
+        return Net(hidden=2)
+
+
+instance = Net()
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def net_py(tmp_path: Path) -> Path:
+    return write(tmp_path, "net.py", NET_PY)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # build_model puts model folders on sys.path; keep the test process clean.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+# ------------------------------------------------------------------------------ parse_model_args
+
+
+def test_parse_model_args_json_and_strings() -> None:
+    args = parse_model_args(
+        ["hidden=64", "lr=0.5", "bias=true", "dims=[1, 2]", "extra=null", "act=relu",
+         "expr=a=b", "empty=", "quoted=\"7\""]
+    )  # fmt: skip
+    assert args == {"hidden": 64, "lr": 0.5, "bias": True, "dims": [1, 2], "extra": None,
+                    "act": "relu", "expr": "a=b", "empty": "", "quoted": "7"}  # fmt: skip
+    assert parse_model_args([]) == {}
+
+
+@pytest.mark.parametrize("item", ["hidden", "=3", "not-ident=1", "2x=1"])
+def test_parse_model_args_malformed(item: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_model_args([item])
+    assert info.value.exit_code == 2
+    assert item in info.value.message
+
+
+def test_parse_model_args_duplicate() -> None:
+    with pytest.raises(UsageError, match="twice"):
+        parse_model_args(["a=1", "a=2"])
+
+
+# --------------------------------------------------------------------------------- build_model
+
+
+def test_file_spec_class_with_args(net_py: Path) -> None:
+    model = build_model(f"{net_py}:Net", {"hidden": 6, "act": "gelu"})
+    assert type(model).__name__ == "Net"
+    assert model.fc.out_features == 6 and model.act == "gelu"
+    assert not model.training and not model.bn.training
+
+
+def test_file_spec_factory_and_dotted_name(net_py: Path) -> None:
+    assert build_model(f"{net_py}:make", {"hidden": 8}).fc.out_features == 8
+    assert build_model(f"{net_py}:Zoo.small").fc.out_features == 2
+
+
+def test_same_file_gives_same_class_new_instances(net_py: Path) -> None:
+    a, b = build_model(f"{net_py}:Net"), build_model(f"{net_py}:Net")
+    assert type(a) is type(b) and a is not b
+
+
+def test_same_file_name_in_two_folders(tmp_path: Path) -> None:
+    one = write(
+        tmp_path / "one", "model.py", "from torch import nn\nNet = lambda: nn.Linear(1, 1)\n"
+    )
+    two = write(
+        tmp_path / "two", "model.py", "from torch import nn\nNet = lambda: nn.Linear(2, 2)\n"
+    )
+    assert build_model(f"{one}:Net").in_features == 1
+    assert build_model(f"{two}:Net").in_features == 2
+
+
+def test_relative_path_and_sibling_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "models"
+    write(folder, "helper_abs_q1.py", "WIDTH = 5\n")
+    write(folder, "helper_rel_q1.py", "WIDTH = 7\n")
+    write(
+        folder,
+        "mlp.py",
+        """
+        from torch import nn
+        from helper_abs_q1 import WIDTH as A
+        from .helper_rel_q1 import WIDTH as B
+
+        def build():
+            return nn.Linear(A, B)
+        """,
+    )
+    monkeypatch.chdir(tmp_path)
+    model = build_model("models/mlp.py:build")
+    assert (model.in_features, model.out_features) == (5, 7)
+
+
+def test_sample_model_spec() -> None:
+    model = build_model(f"{REPO / 'sample_models' / 'digits_mlp.py'}:DigitsMLP", {"hidden1": 16})
+    assert model.fc1.out_features == 16
+    (x,) = model.example_inputs()
+    assert model(x).shape == (8, 10)
+
+
+def test_module_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "qspec_pkg_a", "__init__.py", "")
+    write(tmp_path / "qspec_pkg_a", "net.py", NET_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("qspec_pkg_a.net:Net", {"hidden": 3})
+    assert model.fc.out_features == 3 and not model.training
+    # the torch package itself works as a spec target
+    linear = build_model("torch.nn:Linear", {"in_features": 2, "out_features": 3})
+    assert isinstance(linear, nn.Linear) and linear.weight.shape == (3, 2)
+
+
+def test_module_spec_found_from_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "qspec_pkg_cwd", "__init__.py", "")
+    write(tmp_path / "qspec_pkg_cwd", "net.py", NET_PY)
+    monkeypatch.chdir(tmp_path)
+    for entry in ("", str(tmp_path)):
+        while entry in sys.path:
+            sys.path.remove(entry)
+    assert build_model("qspec_pkg_cwd.net:make").fc.out_features == 4
+
+
+def test_failed_import_is_retried_after_fix(tmp_path: Path) -> None:
+    path = write(tmp_path, "flaky.py", "raise RuntimeError('not yet')\n")
+    with pytest.raises(ModelSpecError, match="not yet"):
+        build_model(f"{path}:Net")
+    path.write_text("from torch import nn\nNet = lambda: nn.Identity()\n")
+    assert isinstance(build_model(f"{path}:Net"), nn.Identity)
+
+
+# ------------------------------------------------------------------------------------ failures
+
+
+def spec_error(spec: str, args: dict[str, object] | None = None) -> ModelSpecError:
+    with pytest.raises(ModelSpecError) as info:
+        build_model(spec, args)
+    err = info.value
+    assert err.exit_code == 3
+    assert spec in err.message, err.message
+    assert "\n" not in err.message
+    assert err.hint
+    return err
+
+
+def test_error_no_name(net_py: Path) -> None:
+    assert "':NAME'" in spec_error(str(net_py)).message
+    spec_error("qspec.models")
+    spec_error(f"{net_py}:")
+
+
+def test_error_missing_file(tmp_path: Path) -> None:
+    assert "does not exist" in spec_error(f"{tmp_path / 'nope.py'}:Net").message
+
+
+def test_error_import_raises(tmp_path: Path) -> None:
+    bad = write(tmp_path, "bad.py", "import torch\nraise ValueError('boom at import')\n")
+    err = spec_error(f"{bad}:Net")
+    assert "ValueError: boom at import" in err.message
+    assert isinstance(err.__cause__, ValueError)  # --debug shows the user's traceback
+
+
+def test_error_syntax_error(tmp_path: Path) -> None:
+    bad = write(tmp_path, "syn.py", "def f(:\n")
+    assert "SyntaxError" in spec_error(f"{bad}:f").message
+
+
+def test_error_missing_dependency(tmp_path: Path) -> None:
+    bad = write(tmp_path, "dep.py", "import qspec_not_installed_pkg\n")
+    err = spec_error(f"{bad}:Net")
+    assert "qspec_not_installed_pkg" in err.message
+    assert "qspec_not_installed_pkg" in (err.hint or "")
+
+
+def test_error_sys_exit_at_import(tmp_path: Path) -> None:
+    bad = write(tmp_path, "script.py", "import sys\nsys.exit(2)\n")
+    assert "SystemExit" in spec_error(f"{bad}:Net").message
+
+
+def test_error_missing_module() -> None:
+    err = spec_error("qspec_no_such_pkg.models:Net")
+    assert "no module named 'qspec_no_such_pkg'" in err.message
+
+
+def test_error_missing_name_lists_classes(net_py: Path) -> None:
+    err = spec_error(f"{net_py}:Nett")
+    assert "has no attribute 'Nett'" in err.message
+    assert "Net" in (err.hint or "")
+
+
+def test_error_not_callable(net_py: Path) -> None:
+    assert "int, not a class or function" in spec_error(f"{net_py}:not_a_model").message
+
+
+def test_error_module_instance(net_py: Path) -> None:
+    err = spec_error(f"{net_py}:instance")
+    assert "instance" in err.message and "Net" in (err.hint or "")
+
+
+def test_error_constructor_raises(net_py: Path) -> None:
+    err = spec_error(f"{net_py}:broken")
+    assert "ValueError: hidden must be even" in err.message
+    assert "second line" not in err.message
+    assert isinstance(err.__cause__, ValueError)
+
+
+def test_error_bad_arguments(net_py: Path) -> None:
+    err = spec_error(f"{net_py}:Net", {"hiden": 3})
+    assert "hiden" in err.message and "--model-arg" in (err.hint or "")
+
+
+def test_error_argument_value_breaks_constructor(net_py: Path) -> None:
+    err = spec_error(f"{net_py}:Net", {"hidden": "wide"})
+    assert "TypeError" in err.message
+
+
+def test_error_returns_non_module(net_py: Path) -> None:
+    assert "returned a dict, not an nn.Module" in spec_error(f"{net_py}:make_nothing").message
+
+
+def test_error_bad_name_syntax(net_py: Path) -> None:
+    spec_error(f"{net_py}:Net()")
+
+
+def test_error_builtin_callable_returning_tensor() -> None:
+    # A C callable without an inspectable signature still gets a clean error.
+    assert "returned a Tensor" in spec_error("torch:ones", {"size": [2]}).message
+    assert "TypeError" in spec_error("torch:zeros").message
