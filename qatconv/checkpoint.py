@@ -476,6 +476,19 @@ _ST_DTYPES: dict[str, str] = {
     "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
     "uint16": "U16", "uint32": "U32", "uint64": "U64",
 }  # fmt: skip
+# The safetensors library's Dtype enum order: it lays tensors out by descending dtype, then name,
+# which keeps each tensor aligned to its element size; we use the same layout.
+_ST_RANK: dict[str, int] = {
+    d: i
+    for i, d in enumerate(
+        ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+         "I32", "U32", "F32", "F64", "I64", "U64")
+    )
+}  # fmt: skip
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    return _ST_DTYPES[str(t.dtype).removeprefix("torch.")]
 
 
 def check_output_path(path: Path, *, force: bool, inputs: Sequence[Path]) -> None:
@@ -529,8 +542,8 @@ def write_safetensors(
 ) -> None:
     """Write ``tensors`` as one safetensors file, atomically and byte-deterministically.
 
-    The metadata always gets ``"format": "pt"``; its keys are sorted, tensors are laid out by
-    element size (largest first, so each is aligned) then name. The bytes go to a temp file in
+    The metadata always gets ``"format": "pt"``; its keys are sorted, tensors are laid out as
+    the safetensors library does (descending dtype, then name: each tensor is aligned). The bytes go to a temp file in
     the target folder, are fsynced, and replace ``path`` with ``os.replace``; on any failure the
     temp file is removed and ``path`` is untouched.
 
@@ -546,14 +559,14 @@ def write_safetensors(
         raise OutputError(f"metadata entries must be strings: {', '.join(bad[:5])}")
     meta["format"] = "pt"
     prepared = {name: _prepare(name, t) for name, t in tensors.items()}
-    order = sorted(prepared, key=lambda n: (-prepared[n].element_size(), n))
+    order = sorted(prepared, key=lambda n: (-_ST_RANK[_st_dtype(prepared[n])], n))
     header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
     offset = 0
     for name in order:
         t = prepared[name]
         nbytes = t.numel() * t.element_size()
         header[name] = {
-            "dtype": _ST_DTYPES[str(t.dtype).removeprefix("torch.")],
+            "dtype": _st_dtype(t),
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }

@@ -118,6 +118,23 @@ def test_written_header_is_sorted_and_aligned(tmp_path: Path) -> None:
     assert offsets == {"a": 0, "c": 16, "b": 18}
 
 
+def test_written_bytes_match_safetensors_library(tmp_path: Path) -> None:
+    # With only the "format" metadata key (no ordering question) the bytes are the library's.
+    tensors = {
+        "w": torch.randn(3, 2),
+        "idx": torch.arange(4),
+        "half": torch.randn(3).half(),
+        "bf": torch.randn(2).bfloat16(),
+        "flag": torch.tensor([True]),
+        "n": torch.tensor(5, dtype=torch.int32),
+        "q": torch.tensor([-3], dtype=torch.int8),
+    }
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(tensors, ours, {})
+    save_file(tensors, str(theirs), metadata={"format": "pt"})
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 def test_write_is_deterministic(tmp_path: Path) -> None:
     tensors = trained_state()
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
