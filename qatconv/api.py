@@ -6,6 +6,7 @@ fold, ...) are imported inside the functions so that importing this module stays
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -126,7 +127,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     else:
         tensors = {}
     model.eval()
-    return LoadedModel(model, notes, cfg.spec, dict(cfg.args), tensors)
+    return LoadedModel(model, notes, cfg.spec, args=dict(cfg.args), tensors=tensors)
 
 
 def _sample(inputs: torch.Tensor, n: int = 8) -> tuple[torch.Tensor, ...]:
@@ -381,7 +382,7 @@ def fold(
         CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4).
     """
     from qatconv import checkpoint
-    from qatconv import fold as fold_mod
+    fold_mod = importlib.import_module("qatconv.fold")  # TODO rename module: clashes with api.fold
 
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
@@ -587,9 +588,7 @@ def verify(
     if stage_from == "qat":
         assert qat_checkpoint is not None
         meta = {"model": model_meta or {}, **checkpoint.read_metadata(qat_checkpoint)}
-        reference = build_qat_model(meta, model_cfg)
-        ref_ckpt = checkpoint.load_checkpoint(qat_checkpoint)
-        checkpoint.load_into(reference, ref_ckpt.tensors, source=str(qat_checkpoint))
+        reference = load_qat(qat_checkpoint, model_cfg)
         qat.set_fake_quant_(reference, fake_quant=False, observer=False)
         spec_cfg = _model_cfg_from_meta(meta, model_cfg)
         ref_name = "qat"
@@ -632,7 +631,9 @@ def load_qat(path: Path | str, model_cfg: ModelConfig | None = None) -> nn.Modul
     if meta.get("stage") != "qat":
         raise BadInputError(f"{path} is not a QAT checkpoint (stage: {meta.get('stage', 'none')})")
     model = build_qat_model(meta, model_cfg)
-    checkpoint.load_into(model, checkpoint.load_checkpoint(path).tensors, source=str(path))
+    tensors = checkpoint.load_checkpoint(path).tensors
+    qat.match_fake_quant_shapes_(model, tensors)
+    checkpoint.load_into(model, tensors, source=str(path))
     qat.set_fake_quant_(model, fake_quant=True, observer=False)
     return model.eval()
 

@@ -202,6 +202,18 @@ def refresh_observers_(model: nn.Module) -> None:
             fq((mod.weight.double() * scale64.unsqueeze(1)).to(mod.weight.dtype))
 
 
+def match_fake_quant_shapes_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Resize fresh fake-quant buffers (shape [1] / [0] before any forward) to the checkpoint's.
+
+    Per-channel scales, zero points and observer ranges only get their shape on the first
+    observation; a strict shape check before `load_state_dict` would otherwise reject them.
+    """
+    for name, buf in model.named_buffers():
+        if ".weight_fake_quant." in f".{name}" and name in tensors:
+            if buf.shape != tensors[name].shape:
+                buf.resize_(tensors[name].shape)
+
+
 @dataclass
 class StepInfo:
     """Progress of a fine-tune, passed to the `on_step` callback."""
@@ -365,7 +377,7 @@ def finetune_(
         result.samples += len(idx)
         if on_step is not None:
             elapsed = time.perf_counter() - start
-            on_step(StepInfo(step + 1, config.steps, float(loss), result.samples / elapsed))
+            on_step(StepInfo(step + 1, config.steps, result.losses[-1], result.samples / elapsed))
     result.seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
