@@ -4,18 +4,31 @@ Layout: 8-byte little-endian header length N, N bytes of JSON header, then the d
 Each header entry is ``{"dtype", "shape", "data_offsets": [begin, end]}`` with offsets relative
 to the buffer start; ``__metadata__`` maps strings to strings. Reading only the header keeps
 `inspect` independent of the file's size.
+
+Writing is sequential (`StreamWriter`): the header is computed from the declared tensor list,
+then each tensor's bytes are appended in that order, either from memory or copied file to file
+inside the kernel (`os.copy_file_range`), so tensors that pass through never enter Python's
+memory. Data is little-endian, as the format requires (like safetensors, we assume a
+little-endian host).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import final
 
-from qatconv.errors import CheckpointError
+from qatconv.errors import CheckpointError, OutputError
+
+logger = logging.getLogger(__name__)
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -23,6 +36,14 @@ DTYPE_SIZES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+
+# safetensors' Dtype enum order; `save_file` lays tensors out by descending dtype, then name, which
+# keeps every tensor aligned to its element size. `canonical_order` reproduces that layout.
+DTYPE_ORDER: tuple[str, ...] = (
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+    "I32", "U32", "F32", "F64", "I64", "U64",
+)  # fmt: skip
+_DTYPE_RANK = {d: i for i, d in enumerate(DTYPE_ORDER)}
 
 # A header larger than this is not a checkpoint header (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -149,3 +170,410 @@ def _bad(path: Path, why: str) -> CheckpointError:
         f"{path} is not a valid safetensors file: {why}",
         hint="re-export the checkpoint, or check that the copy is complete",
     )
+
+
+def read_index(path: Path) -> dict[str, Path]:
+    """Read a Hugging Face ``*.safetensors.index.json``: tensor name -> shard path.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or has no ``weight_map`` of strings.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{path} has no 'weight_map' object mapping tensor names to shard files",
+            hint="a sharded checkpoint index looks like "
+            '{"metadata": {...}, "weight_map": {"name": "model-00001-of-00002.safetensors"}}',
+        )
+    out: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if Path(shard).name != shard:
+            raise CheckpointError(
+                f"{path}: shard {shard!r} of tensor {name!r} is not a file name in the index's folder"
+            )
+        out[name] = path.parent / shard
+    return out
+
+
+def canonical_order(
+    entries: Sequence[tuple[str, str, Sequence[int]]],
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Sort ``(name, dtype, shape)`` entries the way ``safetensors.save_file`` lays them out."""
+    return sorted(
+        ((name, dtype, tuple(shape)) for name, dtype, shape in entries),
+        key=lambda e: (-_DTYPE_RANK.get(e[1], -1), e[0]),
+    )
+
+
+def build_header(
+    entries: Sequence[tuple[str, str, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Serialize a safetensors header for tensors laid out in the given order.
+
+    ``metadata`` always gains ``format: pt``. The header is padded with spaces to a multiple of
+    8 bytes, as safetensors does, so the data buffer starts 8-byte aligned. With entries in
+    `canonical_order` and metadata ``{"format": "pt"}`` the bytes equal ``safetensors``' own.
+
+    Returns:
+        The bytes to write before the data buffer (length prefix included), and each tensor's
+        ``(begin, end)`` offsets relative to the data buffer.
+
+    Raises:
+        ValueError: unknown dtype, bad shape, duplicate or reserved name, non-string metadata.
+    """
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors metadata must map strings to strings")
+    meta["format"] = "pt"
+    obj: dict[str, object] = {"__metadata__": {k: meta[k] for k in sorted(meta)}}
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in entries:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in offsets:
+            raise ValueError(f"tensor {name!r} is declared twice")
+        if dtype not in DTYPE_SIZES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        dims = [int(d) for d in shape]
+        if any(d < 0 for d in dims):
+            raise ValueError(f"tensor {name!r}: negative dimension in {dims}")
+        end = pos + math.prod(dims) * DTYPE_SIZES[dtype]
+        obj[name] = {"dtype": dtype, "shape": dims, "data_offsets": [pos, end]}
+        offsets[name] = (pos, end)
+        pos = end
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def read_tensor_bytes(
+    fd: int,
+    header: Header,
+    name: str,
+    row_start: int | None = None,
+    row_end: int | None = None,
+    *,
+    out: bytearray | memoryview | None = None,
+) -> bytes | memoryview:
+    """Read a tensor's bytes, or rows ``[row_start, row_end)`` of its first dimension, with pread.
+
+    No mmap: the pages read stay in the page cache, not in this process's memory. With ``out``
+    the bytes land in that buffer (reused across calls) and a memoryview of the filled prefix
+    is returned.
+
+    Raises:
+        KeyError: ``name`` is not in the header.
+        ValueError: rows out of range, or rows of a scalar; ``out`` too small.
+        CheckpointError: the file ends early or cannot be read.
+    """
+    info = header.tensors[name]
+    begin, end = info.begin, info.end
+    if row_start is not None or row_end is not None:
+        if not info.shape:
+            raise ValueError(f"tensor {name!r} is a scalar: it has no rows")
+        rows = info.shape[0]
+        lo = 0 if row_start is None else row_start
+        hi = rows if row_end is None else row_end
+        if not 0 <= lo <= hi <= rows:
+            raise ValueError(f"rows [{lo}, {hi}) out of range for {name!r} with {rows} rows")
+        row_bytes = info.nbytes // rows if rows else 0
+        begin, end = info.begin + lo * row_bytes, info.begin + hi * row_bytes
+    n = end - begin
+    offset = header.data_start + begin
+    try:
+        if out is None:
+            data = os.pread(fd, n, offset)
+            while len(data) < n:
+                more = os.pread(fd, n - len(data), offset + len(data))
+                if not more:
+                    raise _short(header.path, name)
+                data += more
+            return data
+        view = memoryview(out).cast("B")
+        if len(view) < n:
+            raise ValueError(f"buffer of {len(view)} bytes cannot hold {n} bytes of {name!r}")
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:n]], offset + got)
+            if k == 0:
+                raise _short(header.path, name)
+            got += k
+        return view[:n]
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot read {name!r} from {header.path}: {e.strerror or e}"
+        ) from None
+
+
+def _short(path: Path, name: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} ended while reading {name!r}: the file was truncated or changed during the read"
+    )
+
+
+# Errors after which an in-kernel copy method is unavailable for this pair of files (other
+# filesystem, old kernel, special file) and the next method is tried.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM,
+                       errno.ETXTBSY, errno.EBADF}  # fmt: skip
+_NO_SENDFILE = {errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_COPY_STEP = 1 << 30  # bytes per copy syscall (Linux caps one call just under 2 GiB)
+_PREAD_STEP = 8 << 20  # bytes per pread in the plain fallback
+
+
+@final
+class StreamWriter:
+    """Write one safetensors file sequentially, atomically, without holding it in memory.
+
+    ``entries`` (name, dtype, shape) fix the header and the data order up front. Inside the
+    ``with`` block each tensor's bytes must arrive in that order and in exactly the declared
+    amount: `write` (whole tensor), `write_chunk` (pieces, accumulated), `copy_range` (bytes
+    copied from another file inside the kernel). Bytes go to ``.<name>.tmp-<pid>`` beside
+    ``final_path``; a clean exit checks that every tensor is complete, fsyncs and renames the
+    file onto ``final_path`` (``commit=False`` leaves the rename to `commit`, to publish several
+    files together). An exception, or an incomplete tensor, removes the temporary file.
+
+    Raises:
+        OutputError: the temporary file cannot be created or written (folder missing,
+            disk full, permissions).
+        ValueError: bytes out of the declared order or size (a bug in the caller).
+    """
+
+    def __init__(
+        self,
+        final_path: Path,
+        entries: Sequence[tuple[str, str, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        fsync: bool = True,
+        commit: bool = True,
+    ) -> None:
+        self.final_path = Path(final_path)
+        self.temp_path = self.final_path.with_name(f".{self.final_path.name}.tmp-{os.getpid()}")
+        self.header_bytes, self.offsets = build_header(entries, metadata)
+        self.size = len(self.header_bytes) + sum(e - b for b, e in self.offsets.values())
+        self._names = [e[0] for e in entries]
+        self._sizes = [self.offsets[n][1] - self.offsets[n][0] for n in self._names]
+        self._fsync = fsync
+        self._auto_commit = commit
+        self._fd: int | None = None
+        self._i = 0  # index of the tensor being filled
+        self._filled = 0  # bytes of it written so far
+        self._finished = False
+        self.copy_method = "copy_file_range"  # then "sendfile", then "pread"
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> StreamWriter:
+        try:
+            self._fd = os.open(
+                self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
+            )
+        except OSError as e:
+            raise self._output_error(e) from None
+        self._write_all(self.header_bytes)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.discard()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.discard()
+            raise
+        if self._auto_commit:
+            self.commit()
+
+    def commit(self) -> None:
+        """Rename the finished temporary file onto ``final_path`` (after a clean exit)."""
+        if not self._finished:
+            raise ValueError("commit() before the writer finished")
+        try:
+            os.replace(self.temp_path, self.final_path)
+        except OSError as e:
+            self.discard()
+            raise self._output_error(e) from None
+        if self._fsync:
+            _fsync_dir(self.final_path.parent)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file; safe to call more than once."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+    # -- data ------------------------------------------------------------------------------
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Write the whole of tensor ``name`` (exactly its declared byte count)."""
+        view = memoryview(data).cast("B")
+        self._claim(name, len(view))
+        if self._filled != 0 or len(view) != self._sizes[self._i]:
+            raise ValueError(
+                f"tensor {name!r} needs {self._sizes[self._i]} bytes in one write(), got "
+                f"{len(view)} (use write_chunk for pieces)"
+            )
+        self._write_all(view)
+        self._advance(len(view))
+
+    def write_chunk(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Append a piece of tensor ``name``; pieces must add up to its declared byte count."""
+        view = memoryview(data).cast("B")
+        self._claim(name, len(view))
+        self._write_all(view)
+        self._advance(len(view))
+
+    def copy_range(self, src_fd: int, offset: int, nbytes: int, name: str | None = None) -> None:
+        """Append ``nbytes`` read from ``src_fd`` at ``offset`` to the tensor being written.
+
+        The copy stays in the kernel (copy_file_range, else sendfile), falling back to a pread
+        loop where neither works. ``name``, when given, is checked against the declared order.
+        """
+        target = self._claim(name, nbytes)
+        fd = self._require_fd()
+        left = nbytes
+        try:
+            while left > 0:
+                step = min(left, _COPY_STEP)
+                if self.copy_method == "copy_file_range":
+                    try:
+                        k = os.copy_file_range(src_fd, fd, step, offset)
+                    except OSError as e:
+                        if e.errno not in _NO_COPY_FILE_RANGE:
+                            raise
+                        logger.debug("copy_file_range unavailable (%s); using sendfile", e)
+                        self.copy_method = "sendfile"
+                        continue
+                elif self.copy_method == "sendfile":
+                    try:
+                        k = os.sendfile(fd, src_fd, offset, step)
+                    except OSError as e:
+                        if e.errno not in _NO_SENDFILE:
+                            raise
+                        logger.debug("sendfile unavailable (%s); using pread", e)
+                        self.copy_method = "pread"
+                        continue
+                else:
+                    chunk = os.pread(src_fd, min(step, _PREAD_STEP), offset)
+                    self._write_all(chunk)
+                    k = len(chunk)
+                if k == 0:
+                    raise CheckpointError(
+                        f"source of {target!r} ended {left} bytes early: the input file was "
+                        "truncated or changed while folding"
+                    )
+                offset += k
+                left -= k
+                self._advance(k)
+        except OSError as e:
+            raise self._output_error(e) from None
+
+    # -- internals -------------------------------------------------------------------------
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("StreamWriter is not open: use it as a context manager")
+        return self._fd
+
+    def _claim(self, name: str | None, nbytes: int) -> str:
+        """Check that ``nbytes`` of ``name`` (default: the current tensor) may come next."""
+        if name is not None:
+            # Tensors of zero bytes need no write(); step over them to reach ``name``.
+            while (
+                self._i < len(self._names)
+                and self._names[self._i] != name
+                and self._sizes[self._i] == 0
+            ):
+                self._i += 1
+        elif nbytes > 0:
+            while self._i < len(self._names) and self._sizes[self._i] == 0:
+                self._i += 1
+        if self._i >= len(self._names):
+            raise ValueError(f"all declared tensors are complete; got {nbytes} more bytes")
+        current = self._names[self._i]
+        if name is not None and name != current:
+            raise ValueError(f"tensor {current!r} comes next in the declared order, not {name!r}")
+        if self._filled + nbytes > self._sizes[self._i]:
+            raise ValueError(
+                f"tensor {current!r} is declared with {self._sizes[self._i]} bytes; "
+                f"{self._filled + nbytes} were given"
+            )
+        return current
+
+    def _advance(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled == self._sizes[self._i]:
+            self._i += 1
+            self._filled = 0
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        fd = self._require_fd()
+        view = memoryview(data).cast("B")
+        try:
+            while len(view):
+                k = os.write(fd, view)
+                view = view[k:]
+        except OSError as e:
+            raise self._output_error(e) from None
+
+    def _finish(self) -> None:
+        while self._i < len(self._names) and self._sizes[self._i] == 0 and self._filled == 0:
+            self._i += 1
+        if self._i < len(self._names):
+            raise ValueError(
+                f"tensor {self._names[self._i]!r} is incomplete: {self._filled} of "
+                f"{self._sizes[self._i]} bytes written"
+            )
+        fd = self._require_fd()
+        try:
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            if end != self.size:
+                raise ValueError(f"wrote {end} bytes, expected {self.size}")
+            if self._fsync:
+                os.fsync(fd)
+            os.close(fd)
+        except OSError as e:
+            raise self._output_error(e) from None
+        finally:
+            self._fd = None
+        self._finished = True
+
+    def _output_error(self, e: OSError) -> OutputError:
+        return OutputError(
+            f"cannot write {self.final_path}: {e.strerror or e}",
+            hint="check that the output folder exists, is writable and has free space",
+        )
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable; not every filesystem lets a directory be opened or fsynced.
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
