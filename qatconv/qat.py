@@ -209,9 +209,9 @@ def match_fake_quant_shapes_(model: nn.Module, tensors: dict[str, torch.Tensor])
     observation; a strict shape check before `load_state_dict` would otherwise reject them.
     """
     for name, buf in model.named_buffers():
-        if ".weight_fake_quant." in f".{name}" and name in tensors:
-            if buf.shape != tensors[name].shape:
-                buf.resize_(tensors[name].shape)
+        wanted = tensors.get(name) if ".weight_fake_quant." in f".{name}" else None
+        if wanted is not None and buf.shape != wanted.shape:
+            buf.resize_(wanted.shape)
 
 
 @dataclass
