@@ -376,6 +376,8 @@ def _own_tensors(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _kind(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Linear):
+        return "Linear"
     return "BatchNorm1d" if isinstance(mod, _BatchNorm) else type(mod).__name__
 
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qatconv.errors import DataError
 from qatconv.pairs import SKIP_CODES, PairScan, find_pairs
