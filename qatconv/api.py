@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -356,8 +357,8 @@ def fold(
     qat_checkpoint: Path | None = None,
     model_cfg: ModelConfig | None = None,
     check: Path | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     emit_qparams: bool = False,
     max_shard_size: int | None = None,
     force: bool = False,
@@ -373,22 +374,30 @@ def fold(
         out: output `.safetensors` (or index path when sharding).
         qat_checkpoint: a checkpoint written by `prepare`.
         model_cfg: for the plain fold (spec + weights), or the spec for ``check``.
-        check: data to verify the folded model against the reference on.
-        atol, rtol: the check passes when ``|a - b| <= atol + rtol * |b|`` everywhere.
+        check: data to verify the folded model against the reference on. The output is
+            written to a staging folder and moved into place only when the check passes.
+        atol, rtol: the check passes when ``|a - b| <= atol + rtol * |b|`` everywhere;
+            ``None`` picks them from the checkpoint dtype (`CHECK_TOLERANCE`).
         emit_qparams: write ``<linear>.weight_scale`` / ``weight_zero_point`` tensors.
         max_shard_size: bytes per output shard.
 
     Raises:
-        CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4).
+        CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4);
+            nothing is written then.
     """
-    from qatconv import checkpoint
-    fold_mod = importlib.import_module("qatconv.fold")  # TODO rename module: clashes with api.fold
+    import shutil
 
+    from qatconv import checkpoint
+
+    fold_mod = _fold_module()
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
     notes: list[str] = []
-    skipped: list[dict[str, Any]] = []
+    unverified: list[str] = []
+    state: dict[str, torch.Tensor] | None = None
     if qat_checkpoint is not None:
+        if model_cfg is not None and model_cfg.weights is not None:
+            raise UsageError("give either a QAT checkpoint or --weights, not both")
         meta = checkpoint.read_metadata(qat_checkpoint)
         if meta.get("stage") != "qat":
             raise BadInputError(
@@ -396,21 +405,17 @@ def fold(
                 f"(stage: {meta.get('stage', 'none')})",
                 hint="for a float checkpoint use: qatconv fold --model SPEC --weights CKPT -o OUT",
             )
-        inputs = [qat_checkpoint] + ([check] if check else [])
-        checkpoint.check_output_path(out, force=force, inputs=inputs)
-        records = list(meta["pairs"])
-        skipped = list(meta.get("skipped", []))
+        checkpoint.check_output_path(
+            out, force=force, inputs=[qat_checkpoint] + ([check] if check else [])
+        )
+        records = list(meta.get("pairs") or [])
+        skipped = list(meta.get("skipped") or [])
         if not records and not allow_no_pairs:
             raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
         fpairs = [fold_mod.FoldPair.from_qat_record(r) for r in records]
-        source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model", {})
-        out_meta_extra = {
-            k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max", "scheme")
-        }
-        report = _fold_stream_or_memory(
-            fold_mod, source, None, out, fpairs, emit_qparams, max_shard_size, force, on_pair,
-            _folded_meta(records, skipped, "qat", model_meta, out_meta_extra),
-        )
+        source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
+        extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
+                                           "scheme")}
     else:
         if model_cfg is None or model_cfg.weights is None:
             raise UsageError(
@@ -422,8 +427,9 @@ def fold(
                 "--emit-qparams needs a QAT checkpoint (a plain fold has no quant params)",
                 hint="run `qatconv prepare` first",
             )
-        inputs = [model_cfg.weights] + ([check] if check else [])
-        checkpoint.check_output_path(out, force=force, inputs=inputs)
+        checkpoint.check_output_path(
+            out, force=force, inputs=[model_cfg.weights] + ([check] if check else [])
+        )
         loaded = load_model(model_cfg)
         notes += loaded.notes
         for n in loaded.notes:
@@ -433,32 +439,56 @@ def fold(
             from qatconv import data as data_mod
 
             ds = data_mod.load_data(check, target_column=target_column)
-            _check_data_fits(loaded.model, ds.inputs.float(), check)
-            sample = _sample(ds.inputs.to(_param_dtype(loaded.model)))
+            inputs = ds.inputs.to(_param_dtype(loaded.model))
+            _check_data_fits(loaded.model, inputs, check)
+            sample = _sample(inputs)
         scan = scan_pairs(loaded.model, sample, strict=strict)
         _require_pairs(scan, allow_no_pairs)
         records = [p.to_record() for p in scan.pairs]
         skipped = _skipped_json(scan)
+        unverified = [p.linear for p in scan.unverified]
         fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
+        source, stage_from = model_cfg.weights, "float"
         model_meta = {"spec": loaded.spec, "args": loaded.args}
-        meta_out = _folded_meta(records, skipped, "float", model_meta, {})
-        unverified = [p.linear for p in scan.pairs if not p.verified]
-        meta_out["unverified"] = unverified
+        extra = {"unverified": unverified}
         state = loaded.tensors
+    meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
+    # With a check, write into a staging folder beside `out` and move into place only when
+    # the check passes: a failed command leaves no output (and no replaced one).
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}" if check else None
+    target = staging / out.name if staging else out
+    if staging:
+        staging.mkdir()
+    try:
         report = _fold_stream_or_memory(
-            fold_mod, model_cfg.weights, state, out, fpairs, False, max_shard_size, force,
+            fold_mod, source, state, target, fpairs, emit_qparams, max_shard_size, force,
             on_pair, meta_out,
         )
-        stage_from = "float"
-    check_result = None
-    if check is not None:
-        check_result = verify(
-            out, stage_from, records, model_cfg, check, atol=atol, rtol=rtol,
-            qat_checkpoint=qat_checkpoint, model_meta=model_meta, target_column=target_column,
-        )
-    result = FoldResult(
+        files = list(report.files)
+        check_result = None
+        if check is not None:
+            check_result = verify(
+                target, stage_from, model_cfg, check, atol=atol, rtol=rtol,
+                qat_checkpoint=qat_checkpoint, model_meta=model_meta,
+                target_column=target_column,
+            )
+            if not check_result.passed:
+                raise CheckFailedError(
+                    f"folded model differs from the {check_result.reference} reference: max abs "
+                    f"error {check_result.max_abs_error:.3g}, max rel error "
+                    f"{check_result.max_rel_error:.3g} (atol {check_result.atol:g}, rtol "
+                    f"{check_result.rtol:g}); nothing was written",
+                    hint="run `qatconv inspect CKPT --model SPEC --data DATA` to see the pairs",
+                )
+            files = [out.parent / f.name for f in report.files]
+            for f in report.files:
+                os.replace(f, out.parent / f.name)
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    return FoldResult(
         output=out,
-        files=list(report.files),
+        files=files,
         pairs=records,
         skipped=skipped,
         removed=list(report.removed),
@@ -466,16 +496,30 @@ def fold(
         source_stage=stage_from,
         check=check_result,
         seconds=time.perf_counter() - started,
-        metadata={"qparams": report.qparams},
+        metadata={"qparams": report.qparams, "unverified": unverified},
     )
-    if check_result is not None and not check_result.passed:
-        raise CheckFailedError(
-            f"folded model differs from the {check_result.reference} reference: max abs error "
-            f"{check_result.max_abs_error:.3g}, max rel error {check_result.max_rel_error:.3g} "
-            f"(atol {atol:g}, rtol {rtol:g}); {out} was written",
-            hint="inspect the pairs with `qatconv inspect --model SPEC --data DATA`",
-        )
-    return result
+
+
+def _check_tolerance(folded_path: Path) -> float:
+    """The loosest default tolerance among the dtypes of the folded file's tensors."""
+    from qatconv import checkpoint, st_format
+
+    dtypes = {
+        info.dtype
+        for f in checkpoint.checkpoint_files(folded_path)
+        if f.suffix == ".safetensors"
+        for info in st_format.read_header(f).tensors.values()
+    }
+    return max((CHECK_TOLERANCE[d] for d in dtypes if d in CHECK_TOLERANCE), default=1e-4)
+
+
+def _fold_module() -> Any:
+    return importlib.import_module("qatconv.fold")
+
+
+# Default `fold --check` tolerances by the folded weights' dtype (atol = rtol): the folded
+# weights are rounded once more than the reference's, so the error scales with the dtype's eps.
+CHECK_TOLERANCE = {"F64": 1e-7, "F32": 1e-4, "F16": 1e-2, "BF16": 5e-2}
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -568,12 +612,11 @@ def _streamable(source: Path, state: dict[str, torch.Tensor]) -> bool:
 def verify(
     folded_path: Path,
     stage_from: str,
-    records: Sequence[dict[str, Any]],
     model_cfg: ModelConfig | None,
     data: Path,
     *,
-    atol: float,
-    rtol: float,
+    atol: float | None = None,
+    rtol: float | None = None,
     qat_checkpoint: Path | None = None,
     model_meta: dict[str, Any] | None = None,
     target_column: str | None = None,
@@ -585,6 +628,10 @@ def verify(
     from qatconv import data as data_mod
 
     ds = data_mod.load_data(data, target_column=target_column)
+    if atol is None or rtol is None:
+        tol = _check_tolerance(folded_path)
+        atol = tol if atol is None else atol
+        rtol = tol if rtol is None else rtol
     if stage_from == "qat":
         assert qat_checkpoint is not None
         meta = {"model": model_meta or {}, **checkpoint.read_metadata(qat_checkpoint)}

@@ -28,7 +28,7 @@ from qatconv.config import (
     QuantConfig,
     TrainConfig,
 )
-from qatconv.errors import QatconvError, UsageError
+from qatconv.errors import QatconvError
 
 app = typer.Typer(
     name="qatconv",
@@ -273,8 +273,8 @@ def fold(
     model_arg: ModelArgOpt = None,
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint for a plain BN fold (with --model).")] = None,
     check: Annotated[Path | None, typer.Option("--check", help="Data to verify the folded model on (exit 4 beyond tolerance).")] = None,
-    atol: Annotated[float, typer.Option(help="Check: absolute tolerance.")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Check: relative tolerance.")] = 1e-4,
+    atol: Annotated[float | None, typer.Option(help="Check: absolute tolerance [default: by dtype: F32 1e-4, F16 1e-2, BF16 5e-2, F64 1e-7].", show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option(help="Check: relative tolerance [default: as --atol].", show_default=False)] = None,
     emit_qparams: Annotated[bool, typer.Option("--emit-qparams", help="Also write <linear>.weight_scale / .weight_zero_point tensors.")] = False,
     max_shard_size: Annotated[str | None, typer.Option(help="Split the output into shards of at most this size, e.g. 2GB.")] = None,
     target_column: TargetColOpt = None,
@@ -290,8 +290,6 @@ def fold(
     from qatconv import api
 
     out = Output(json_mode=json_, quiet=quiet)
-    if qat_checkpoint is not None and weights is not None:
-        raise UsageError("give either a QAT checkpoint or --weights, not both")
     cfg = _model_cfg(model, model_arg, weights, trust_pickle) if (model or weights) else None
     shard = api.parse_size(max_shard_size) if max_shard_size else None
     with _interruptible():
