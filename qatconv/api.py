@@ -764,6 +764,15 @@ def inspect_path(
         if data is not None:
             raise UsageError("--data needs --model", hint="the data is a sample for the pair rules")
         return inspection.inspect_file(path)
+    from qatconv import checkpoint
+
+    stage = checkpoint.read_metadata(path).get("stage") if _is_safetensors(path) else None
+    if stage == "qat":
+        model = load_qat(path, model_cfg)
+        return inspection.inspect_file(path, model=model)
+    if stage == "folded":
+        model = load_folded(load_model(ModelConfig(model_cfg.spec, model_cfg.args)).model, path)
+        return inspection.inspect_file(path, model=model)
     loaded = load_model(ModelConfig(model_cfg.spec, model_cfg.args, path, model_cfg.trust_pickle))
     sample = None
     if data is not None:
@@ -777,6 +786,10 @@ def inspect_path(
     return inspection.inspect_file(
         path, model=loaded.model, scan=scan, notes=loaded.notes, tensors=loaded.tensors
     )
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.is_dir() or path.name.endswith((".safetensors", ".index.json"))
 
 
 def check_inspection(ins: Inspection, strict: bool) -> None:

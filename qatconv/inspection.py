@@ -72,7 +72,12 @@ class Inspection:
     def problems(self) -> list[str]:
         out = [p for h in self.bn_health for p in h.problems()]
         if self.scan is not None:
-            out += [f"skipped {s.linear} -> {s.bn}: {s.code}" for s in self.scan.skipped]
+            # A BatchNorm1d that no Linear feeds (an input BN, say) is not a pair left unfolded.
+            out += [
+                f"skipped {s.linear} -> {s.bn}: {s.code}"
+                for s in self.scan.skipped
+                if s.code != "not-adjacent"
+            ]
             out += [f"unverified {p.linear} -> {p.bn}" for p in self.scan.unverified]
         return out
 
