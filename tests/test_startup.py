@@ -1,0 +1,75 @@
+"""`qatconv --help` and `qatconv inspect x.safetensors` never import torch (it costs ~1.2 s).
+
+Each check is a fresh interpreter (`python -c`) that runs `qatconv.cli.main([...])` in-process and
+then reports the exit codes and whether `torch` is in `sys.modules`: two subprocesses in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+
+SCRIPT = r"""
+import contextlib, io, json, sys
+from qatconv.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    results.append({"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue()})
+heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print(json.dumps({"results": results, "torch_modules": heavy[:5]}))
+"""
+
+
+def _run(argvs: list[list[str]]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("QATCONV_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(argvs)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for r in report["results"]:
+        assert r["code"] == 0, r
+    return report
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    report = _run([["--help"], ["prepare", "--help"], ["fold", "--help"], ["--version"]])
+    assert report["torch_modules"] == []
+    assert "prepare" in report["results"][0]["out"]
+    assert report["results"][3]["out"].startswith("qatconv ")
+
+
+def test_inspect_safetensors_does_not_import_torch(tmp_path: Path) -> None:
+    from qatconv import api
+    from qatconv.config import ModelConfig
+
+    qat = tmp_path / "qat.safetensors"
+    api.prepare(ModelConfig(spec=str(SAMPLES / "digits_mlp.py:DigitsMLP"),
+                            weights=SAMPLES / "digits_mlp.safetensors"),
+                SAMPLES / "digits_calib.npz", qat)
+    report = _run([
+        ["inspect", str(SAMPLES / "digits_mlp.safetensors")],
+        ["inspect", str(qat), "--json"],
+    ])
+    assert report["torch_modules"] == []
+    assert "safetensors" in report["results"][0]["err"]
+    obj = json.loads(report["results"][1]["out"])
+    assert obj["qatconv"]["stage"] == "qat"
+    assert [p["linear"] for p in obj["qatconv"]["pairs"]] == ["fc1", "fc2"]
