@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv import __version__
+from qatconv import __version__, validate
 from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
 from qatconv.errors import BadInputError, CheckFailedError, DataError, NoPairsError, UsageError
 
@@ -251,6 +251,8 @@ def prepare(
     scan = scan_pairs(model, _sample(inputs), strict=strict)
     _require_pairs(scan, allow_no_pairs)
     records = [p.to_record() for p in scan.pairs]
+    validate.check_model_state(model, records, model_cfg.weights or model_cfg.spec,
+                               stats_recomputed=train.recalibrate_bn)
     device = _pick_device(train.device.value)
     torch.manual_seed(train.seed)
     float_model = model.to(device)
@@ -334,12 +336,15 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
 
     cfg = _model_cfg_from_meta(meta, model_cfg)
     model = load_model(cfg).model.float()
+    validate.check_pairs_fit_model(model, validate.qat_records(meta, cfg.spec), cfg.spec)
     quant = QuantConfig(Backend(meta.get("backend", "x86")), int(meta.get("weight_bits", 8)))
     qat.swap_pairs_(model, meta["pairs"], qat.make_qconfig(quant))
     return model
 
 
 def _model_cfg_from_meta(meta: dict[str, Any], model_cfg: ModelConfig | None) -> ModelConfig:
+    from qatconv import modelspec
+
     if model_cfg is not None and model_cfg.spec is not None:
         return ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
     spec = (meta.get("model") or {}).get("spec")
@@ -348,6 +353,7 @@ def _model_cfg_from_meta(meta: dict[str, Any], model_cfg: ModelConfig | None) ->
             "this check needs the model code, and the checkpoint names no model spec",
             hint="pass --model path/to/file.py:ClassName",
         )
+    modelspec.check_recorded_spec(spec, "the checkpoint")  # its metadata is not the user's word
     return ModelConfig(spec=spec, args=(meta.get("model") or {}).get("args") or {})
 
 
@@ -408,7 +414,8 @@ def fold(
         checkpoint.check_output_path(
             out, force=force, inputs=[qat_checkpoint] + ([check] if check else [])
         )
-        records = list(meta.get("pairs") or [])
+        records = validate.qat_records(meta, qat_checkpoint)
+        validate.check_qat_tensors(qat_checkpoint, records)
         skipped = list(meta.get("skipped") or [])
         if not records and not allow_no_pairs:
             raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
@@ -445,6 +452,7 @@ def fold(
         scan = scan_pairs(loaded.model, sample, strict=strict)
         _require_pairs(scan, allow_no_pairs)
         records = [p.to_record() for p in scan.pairs]
+        validate.check_model_state(loaded.model, records, model_cfg.weights)
         skipped = _skipped_json(scan)
         unverified = [p.linear for p in scan.unverified]
         fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
@@ -718,6 +726,7 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
             f"{path} is not a folded checkpoint (stage: {meta.get('stage', 'none')})",
             hint="fold it first: qatconv fold QAT.safetensors -o OUT.safetensors",
         )
+    validate.check_pairs_fit_model(model, validate.qat_records(meta, path), path)
     for record in meta.get("pairs", []):
         _set_submodule(model, record["bn"], nn.Identity())
         linear = model.get_submodule(record["linear"])

@@ -93,6 +93,10 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoi
         )
     if path.is_dir():
         path = _pick_from_folder(path)
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(
+            f"{path} is not a regular file", hint="pass a checkpoint file, not a device or pipe"
+        )
     name = path.name.lower()
     if name.endswith(INDEX_SUFFIX):
         return _load_sharded(path)
@@ -148,28 +152,36 @@ def _pick_from_folder(folder: Path) -> Path:
     )
 
 
-def _read_st_tensors(path: Path, names: Iterable[str]) -> dict[str, Any]:
-    from safetensors import safe_open
+def _read_st_tensors(
+    path: Path, names: Iterable[str] | None = None
+) -> tuple[st_format.Header, dict[str, Any]]:
+    """Header and tensors of one safetensors file, read through one descriptor with pread.
 
+    No mmap (a file truncated while mapped would kill the process with SIGBUS) and no second
+    open (the header and the bytes come from the same file even if it is replaced meanwhile).
+    """
+    import torch
+
+    header, raw = st_format.read_tensors(path, None if names is None else list(names))
     out: dict[str, Any] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in names:
-                # clone(): never keep tensors that may view a memory-mapped input file.
-                out[name] = f.get_tensor(name).clone()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        raise CheckpointError(
-            f"cannot read {path}: {_first_line(e)}",
-            hint="re-export the checkpoint, or check that the copy is complete",
-        ) from e
-    return out
+    for name, buf in raw.items():
+        info = header.tensors[name]
+        dtype = getattr(torch, _TORCH_NAMES[info.dtype], None)
+        if dtype is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {info.dtype}, which this torch "
+                f"{torch.__version__} cannot hold",
+                hint="upgrade torch, or re-export the checkpoint in another dtype",
+            )
+        if info.numel == 0:
+            out[name] = torch.empty(info.shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return header, out
 
 
 def _load_safetensors(path: Path) -> LoadedCheckpoint:
-    header = st_format.read_header(path)
-    tensors = _read_st_tensors(path, sorted(header.tensors))
+    header, tensors = _read_st_tensors(path)
     if not tensors:
         raise _empty(path)
     return LoadedCheckpoint(tensors, dict(header.metadata), [], None, "safetensors", [path])
@@ -240,7 +252,7 @@ def _load_sharded(index: Path) -> LoadedCheckpoint:
             )
         if not metadata:
             metadata = dict(header.metadata)
-        tensors.update(_read_st_tensors(shard_path, wanted))
+        tensors.update(_read_st_tensors(shard_path, wanted)[1])
         files.append(shard_path)
     for key, value in index_metadata.items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -263,7 +275,9 @@ def _load_torch(path: Path, *, trust_pickle: bool) -> LoadedCheckpoint:
             raise _corrupt(path, e) from e
         if not trust_pickle:
             raise CheckpointError(
-                f"{path} needs code to unpickle ({_blocked_global(e)}); refused", hint=_TRUST_HINT
+                f"{path} needs code to unpickle ({_blocked_global(e)}); refused: only "
+                "--trust-pickle lets a pickle run code",
+                hint=_TRUST_HINT,
             ) from None
         obj = _load_untrusted(path)
         notes.append("loaded with --trust-pickle (weights_only=False)")
@@ -355,8 +369,16 @@ def _holds_tensors(value: object) -> bool:
 
 
 def _blocked_global(e: Exception) -> str:
-    m = re.search(r"GLOBAL ([\w.<>]+)", str(e))
-    return f"it references {m.group(1)}" if m else "it holds more than tensors"
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.<>]+)", text)
+    if m:
+        return f"it references {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", text)
+    if m:
+        return f"it uses pickle opcode {int(m.group(1))} (not a plain tensor pickle, or corrupt)"
+    if "reduce for unrecognized function" in text:
+        return "it calls a function while loading"
+    return "it holds more than tensors"
 
 
 def _corrupt(path: Path, e: BaseException) -> CheckpointError:
@@ -508,6 +530,9 @@ _ST_RANK: dict[str, int] = {
          "I32", "U32", "F32", "F64", "I64", "U64")
     )
 }  # fmt: skip
+
+
+_TORCH_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def _st_dtype(t: torch.Tensor) -> str:
@@ -678,9 +703,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, digit limits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
         raise CheckpointError(
-            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({e})",
+            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({why})",
             hint="the file was edited or written by another tool; re-run qatconv to recreate it",
         ) from None
     if not isinstance(obj, dict):

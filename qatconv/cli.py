@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from qatconv import __version__
@@ -360,42 +359,108 @@ class _Interrupted(Exception):
 
 
 class _interruptible:
-    """SIGTERM behaves like Ctrl-C while a command works (no partial output; exit 130)."""
+    """SIGTERM behaves like Ctrl-C while a command works: no partial output, exit 130.
+
+    A KeyboardInterrupt that leaves the block becomes an `InterruptedError_` (exit 130) so that
+    `main` reports it as one `error:` line; typer would otherwise turn it into a bare exit code.
+    """
+
+    _INTERRUPTED = "interrupted; no output was written"
 
     def __enter__(self) -> None:
+        self._old = _interruptible.install()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        _interruptible.restore(self._old)
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            from qatconv.errors import InterruptedError_
+
+            raise InterruptedError_(self._INTERRUPTED) from exc
+
+    @staticmethod
+    def install() -> Any:
+        """Make SIGTERM raise KeyboardInterrupt; return the old handler (None: not installed)."""
+
         def raise_interrupt(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt
 
         try:
-            self._old = signal.signal(signal.SIGTERM, raise_interrupt)
+            return signal.signal(signal.SIGTERM, raise_interrupt)
         except ValueError:  # not the main thread (e.g. under a test runner thread)
-            self._old = None
+            return None
 
-    def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+    @staticmethod
+    def restore(old: Any) -> None:
+        if old is not None:
+            try:
+                signal.signal(signal.SIGTERM, old)
+            except ValueError:
+                pass
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turn QatconvError into `error:` / `hint:` + exit code."""
+    """Console entry point: run the app; every failure ends as `error:` / `hint:` + exit code.
+
+    `QatconvError` -> its own code; a flag typer/click rejects -> 2; an `OSError` that escaped
+    the library (disk full, permissions) -> 3; Ctrl-C or SIGTERM -> 130; anything else is a
+    bug -> 1. The traceback is printed only with ``--debug`` (or ``QATCONV_DEBUG=1``).
+    """
+    import traceback
+
+    from qatconv.errors import InterruptedError_
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("QATCONV_DEBUG") == "1"
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"torch\.ao\..*")
+
+    def fail(message: str, hint: str | None, code: int, exc: BaseException | None) -> None:
+        if debug and exc is not None:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        sys.stderr.write(error_line(message, hint) + "\n")
+        sys.stderr.flush()
+        sys.exit(code)
+
+    def kinds(e: BaseException) -> set[str]:
+        # typer >= 0.20 vendors click (typer._click): match its classes and click's by name.
+        return {c.__name__ for c in type(e).__mro__}
+
     command = typer.main.get_command(app)
+    old_sigterm = _interruptible.install()
+    rv: Any = None
     try:
-        command.main(args=args, prog_name="qatconv", standalone_mode=False)
+        rv = command.main(args=args, prog_name="qatconv", standalone_mode=False)
     except QatconvError as e:
-        if debug:
-            raise
-        sys.stderr.write(error_line(e.message, e.hint) + "\n")
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write("error: interrupted; no output was written\n")
-        sys.exit(130)
-    sys.exit(0)
+        fail(e.message, e.hint, e.exit_code, e)
+    except KeyboardInterrupt as e:
+        fail(_interruptible._INTERRUPTED, None, InterruptedError_.exit_code, e)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        names = kinds(e)
+        code = getattr(e, "exit_code", 1)
+        if "Exit" in names:
+            sys.exit(code)
+        if "Abort" in names:  # older click turns Ctrl-C into Abort
+            fail(_interruptible._INTERRUPTED, None, InterruptedError_.exit_code, e)
+        if "NoArgsIsHelpError" in names:
+            sys.stderr.write(str(e.format_message()) + "\n")  # type: ignore[attr-defined]
+            sys.exit(code)
+        if "ClickException" in names:
+            ctx = getattr(e, "ctx", None)
+            where = getattr(ctx, "command_path", None) or "qatconv"
+            fail(str(e.format_message()), f"run '{where} --help' for the options",  # type: ignore[attr-defined]
+                 code if isinstance(code, int) else 2, e)
+        if isinstance(e, OSError):
+            what = f"{e.filename}: " if e.filename else ""
+            fail(f"{what}{e.strerror or e}", "check the path, its permissions and the free "
+                 "space", 3, e)
+        if isinstance(e, MemoryError):
+            fail("out of memory", "use smaller inputs or a machine with more memory", 1, e)
+        first = (str(e).strip().splitlines() or [""])[0]
+        fail(f"internal error: {type(e).__name__}{': ' + first if first else ''}",
+             "this is a bug in qatconv: rerun with --debug and report the traceback", 1, e)
+    finally:
+        _interruptible.restore(old_sigterm)
+    if rv == InterruptedError_.exit_code:  # typer turns a KeyboardInterrupt into Exit(130)
+        fail(_interruptible._INTERRUPTED, None, InterruptedError_.exit_code, None)
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,20 +153,12 @@ def _sha256(path: Path) -> str:
 
 def _read_tensor_dict(path: Path, suffix: str) -> Mapping[str, Any]:
     if suffix == ".safetensors":
-        from qatconv import st_format
+        from qatconv import checkpoint
 
         try:
-            st_format.read_header(path)
+            return checkpoint._read_st_tensors(path)[1]
         except CheckpointError as e:
             raise DataError(e.message, hint=e.hint) from None
-        try:
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # a Rust panic is a BaseException
-            raise _unreadable(path, e) from e
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -172,7 +166,17 @@ def _read_tensor_dict(path: Path, suffix: str) -> Mapping[str, Any]:
         except Exception as e:
             raise _unreadable(path, e) from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notes; failures are reported below
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not str(e).startswith("Weights only load failed"):
+            raise _unreadable(path, e) from e
+        raise DataError(
+            f"refusing to unpickle data file {path}: it needs code to load (data files are "
+            "only read with torch.load(weights_only=True), never with code execution)",
+            hint="save plain tensors: torch.save({'inputs': x, 'targets': y}, path), or use .npz",
+        ) from None
     except Exception as e:
         raise _unreadable(path, e) from e
     if isinstance(obj, torch.Tensor):

@@ -90,6 +90,44 @@ def build_model(spec: str, args: dict[str, object] | None = None) -> nn.Module:
     return _call(spec, factory, args)
 
 
+def check_recorded_spec(spec: str, source: object) -> None:
+    """Vet a model spec that a checkpoint's metadata names, before anything calls it.
+
+    A spec typed by the user may name any factory: the user asked for it to run. A spec read
+    from a file someone else wrote is held to what qatconv itself records: NAME must be an
+    ``nn.Module`` subclass (constructing a model, not calling an arbitrary function such as
+    ``subprocess:run``), and a module spec must not name the standard library (no model lives
+    there, and importing some of it has side effects).
+
+    Raises:
+        ModelSpecError: the spec does not meet that; the hint says to pass ``--model``.
+    """
+    hint = "pass the model explicitly: --model path/to/file.py:ClassName"
+    if not isinstance(spec, str):
+        raise ModelSpecError(f"{source}: the recorded model spec is not a string", hint=hint)
+    target, sep, name = spec.rpartition(":")
+    if sep and target and not _looks_like_file(target):
+        top = target.split(".")[0]
+        if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+            raise ModelSpecError(
+                f"{source} names {spec!r} as its model; that is not model code, refusing to "
+                "run it",
+                hint=hint,
+            )
+    if not sep or not target or not name or not all(p.isidentifier() for p in name.split(".")):
+        raise ModelSpecError(f"{source}: the recorded model spec {spec!r} is malformed", hint=hint)
+    module = _import_file(spec, Path(target)) if _looks_like_file(target) else _import_module(
+        spec, target
+    )
+    obj = _resolve(spec, module, name)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelSpecError(
+            f"{source} names {spec!r} as its model, which is not an nn.Module class; refusing "
+            "to call it",
+            hint=hint,
+        )
+
+
 def _looks_like_file(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target or Path(target).is_file()
 

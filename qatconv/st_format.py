@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ _DTYPE_RANK = {d: i for i, d in enumerate(DTYPE_ORDER)}
 
 # A header larger than this is not a checkpoint header (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# torch tensors have at most 64 dimensions; each dimension must fit an int64.
+MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,59 @@ def read_header(path: Path) -> Header:
             inconsistent with the file's size.
     """
     path = Path(path)
+    fd = open_file(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise _bad(path, f"file is {file_size} bytes, too short for a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > file_size:
-                raise _bad(path, f"header length {n} does not fit in a {file_size}-byte file")
-            raw = f.read(n)
+        return read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def open_file(path: Path) -> int:
+    """``os.open`` a file for reading; every failure is a `CheckpointError` saying why."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} does not exist", hint="check the path (and the current folder)"
+        ) from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a file", hint="pass the file itself") from None
+    except PermissionError:
+        raise CheckpointError(
+            f"cannot read {path}: permission denied", hint="check the file's permissions"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(
+                f"{path} is not a regular file", hint="pass a checkpoint file, not a device or pipe"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_header_fd(fd: int, path: Path) -> Header:
+    """`read_header` on an open file: header and data then come from one and the same file,
+    even if ``path`` is replaced meanwhile."""
+    try:
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise _bad(path, f"file is {file_size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > file_size:
+            raise _bad(path, f"header length {n} does not fit in a {file_size}-byte file")
+        raw = b""
+        while len(raw) < n:
+            more = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not more:
+                raise _bad(path, "file ended inside the header (truncated while reading?)")
+            raw += more
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     return parse_header(path, raw, file_size)
@@ -104,9 +150,13 @@ def read_header(path: Path) -> Header:
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate header bytes ``raw`` of a file of ``file_size`` bytes (see `read_header`)."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"header is not valid JSON ({e})") from None
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _bad(path, f"{e.key!r} is declared twice in the header") from None
+    except RecursionError:
+        raise _bad(path, "header is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limits
+        raise _bad(path, f"header is not valid JSON ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise _bad(path, "header is not a JSON object")
     metadata_raw = obj.pop("__metadata__", None) or {}
@@ -122,14 +172,37 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     return Header(path, 8 + len(raw), tensors, dict(metadata_raw), file_size)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Plain json keeps the last of two equal keys: a header naming a tensor twice is ambiguous.
+    obj: dict[str, object] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _DuplicateKey(k)
+        obj[k] = v
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)
     ):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
@@ -314,6 +387,36 @@ def read_tensor_bytes(
         raise CheckpointError(
             f"cannot read {name!r} from {header.path}: {e.strerror or e}"
         ) from None
+
+
+def read_tensors(
+    path: Path, names: Sequence[str] | None = None
+) -> tuple[Header, dict[str, bytearray]]:
+    """Read the header and the bytes of tensors ``names`` (default: all) through one descriptor.
+
+    No mmap: a file truncated or rewritten while it is read gives a `CheckpointError`, never
+    a SIGBUS; a file replaced by rename is read whole from its old version.
+
+    Raises:
+        CheckpointError: as `read_header`; a name the header lacks; the file ends early.
+    """
+    path = Path(path)
+    fd = open_file(path)
+    try:
+        header = read_header_fd(fd, path)
+        out: dict[str, bytearray] = {}
+        for name in sorted(header.tensors) if names is None else names:
+            if name not in header.tensors:
+                raise CheckpointError(
+                    f"{path} does not hold tensor {name!r} (was it changed while being read?)"
+                )
+            buf = bytearray(header.tensors[name].nbytes)
+            if buf:
+                read_tensor_bytes(fd, header, name, out=buf)
+            out[name] = buf
+        return header, out
+    finally:
+        os.close(fd)
 
 
 def _short(path: Path, name: str) -> CheckpointError:

@@ -1,0 +1,348 @@
+"""Refuse inputs whose numbers or metadata cannot give a correct result, before any work.
+
+Three kinds of checks, each raising a `CheckpointError` (exit 3) that names the tensor and the
+number of channels affected:
+
+- `check_model_state`: a float model about to be prepared or folded holds only finite floats,
+  and each paired BatchNorm's running_var is positive (a fold divides by sqrt(var + eps)).
+- `qat_records` / `check_qat_tensors`: the ``qatconv`` metadata of a QAT checkpoint describes
+  pairs with the agreed fields and types, and the checkpoint's own numbers are sane; read
+  without torch, a block at a time, so memory stays flat whatever the file's size.
+- `check_pairs_fit_model`: pair records name a Linear and a BatchNorm1d of the right sizes in
+  the model the records are applied to.
+
+Model code named by a checkpoint's metadata is vetted by `qatconv.modelspec.check_recorded_spec`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qatconv import st_format
+from qatconv.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+_NONFINITE_HINT = (
+    "the checkpoint is corrupt or its training diverged; re-export it from a healthy run"
+)
+_VAR_HINT = (
+    "a BatchNorm variance must be positive: the statistics are corrupt; re-estimate them "
+    "with `qatconv prepare --recalibrate-bn`"
+)
+_META_HINT = "the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`"
+_BACKENDS = ("x86", "fbgemm", "qnnpack")
+_FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
+_BLOCK_BYTES = 16 << 20  # read this much at a time when scanning a tensor for NaN/inf
+
+
+# ------------------------------------------------------------------------------ float models
+
+
+def check_model_state(
+    model: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    source: object,
+    *,
+    stats_recomputed: bool = False,
+) -> None:
+    """Refuse a float model with NaN/inf tensors or a paired BN whose running_var is <= 0.
+
+    Args:
+        model: the loaded float model.
+        records: the pairs about to be prepared or folded (``bn`` paths).
+        source: the checkpoint, for the message.
+        stats_recomputed: BN running stats are about to be re-estimated (``--recalibrate-bn``):
+            their current values do not matter.
+
+    Raises:
+        CheckpointError: the first problem found (and how many others there are).
+    """
+    import torch
+    from torch import nn
+
+    problems: list[tuple[str, str]] = []
+    stats = ("running_mean", "running_var")
+    for name, t in model.state_dict().items():
+        if stats_recomputed and name.rsplit(".", 1)[-1] in stats:
+            continue
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            where = _nonfinite_where(t)
+            if where:
+                problems.append((f"{name} has NaN/inf values in {where}", _NONFINITE_HINT))
+    paired = {str(r.get("bn")) for r in records}
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or stats_recomputed:
+            continue
+        var = m.running_var
+        if var is None or not bool(torch.isfinite(var).all()):
+            continue  # no stats to fold, or already reported as non-finite
+        v = var.detach().to(torch.float64)
+        # A folded pair divides by sqrt(var + eps): a variance <= 0 means corrupt statistics.
+        # A BN that is not folded only needs var + eps > 0 to give finite outputs.
+        bad = int((v <= 0).sum()) if path in paired else int((v + m.eps <= 0).sum())
+        if bad:
+            what = "<= 0" if path in paired else "+ eps <= 0"
+            problems.append(
+                (f"{path}.running_var is {what} in {bad} of {v.numel()} channels", _VAR_HINT)
+            )
+    _raise_first(problems, source)
+
+
+def _nonfinite_where(t: torch.Tensor) -> str:
+    """'' when ``t`` is finite, else 'k of N output channels' / 'k of N values'."""
+    import torch
+
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return ""
+    if t.dim() >= 1 and t.shape[0] > 0:
+        rows = int((~finite.reshape(t.shape[0], -1).all(dim=1)).sum())
+        unit = "channels" if t.dim() == 1 else "output channels"
+        return f"{rows} of {t.shape[0]} {unit}"
+    return "its value"
+
+
+def _raise_first(problems: list[tuple[str, str]], source: object) -> None:
+    if not problems:
+        return
+    message, hint = problems[0]
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    raise CheckpointError(f"{source}: {message}{more}", hint=hint)
+
+
+# ------------------------------------------------------------------------------ QAT metadata
+
+
+def qat_records(meta: Mapping[str, Any], source: object) -> list[dict[str, Any]]:
+    """The pair records of a QAT checkpoint's ``qatconv`` metadata, validated.
+
+    Each record needs the agreed fields: ``linear``, ``bn``, ``qat`` (module paths),
+    ``eps`` (>= 0, finite), ``momentum`` (number or null), ``in_features`` / ``out_features``
+    (positive integers), ``bias`` / ``affine`` (booleans; ``affine`` may be absent). The
+    checkpoint-wide ``backend`` and ``weight_bits``, when present, must be ones qatconv knows.
+
+    Raises:
+        CheckpointError: the first field that is missing or malformed, naming the pair.
+    """
+    pairs = meta.get("pairs")
+    if not isinstance(pairs, list):
+        raise CheckpointError(
+            f"{source}: the qatconv metadata has no list of 'pairs' "
+            f"(found {type(pairs).__name__})",
+            hint=_META_HINT,
+        )
+    backend = meta.get("backend", "x86")
+    if backend not in _BACKENDS:
+        raise CheckpointError(
+            f"{source}: unknown backend {backend!r} in the qatconv metadata "
+            f"(expected one of {', '.join(_BACKENDS)})",
+            hint=_META_HINT,
+        )
+    bits = meta.get("weight_bits", 8)
+    if not _is_int(bits) or not 2 <= bits <= 8:
+        raise CheckpointError(
+            f"{source}: weight_bits {bits!r} in the qatconv metadata is not 2..8", hint=_META_HINT
+        )
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(pairs):
+        if not isinstance(r, dict):
+            raise CheckpointError(
+                f"{source}: pair {i} in the qatconv metadata is a {type(r).__name__}, not an "
+                "object", hint=_META_HINT,
+            )
+        label = r.get("linear") if isinstance(r.get("linear"), str) else f"#{i}"
+        for key in ("linear", "bn", "qat"):
+            if not isinstance(r.get(key), str) or not r[key]:
+                _bad_field(source, label, key, r.get(key))
+        eps = r.get("eps")
+        if not _is_number(eps) or not math.isfinite(eps) or eps < 0:
+            _bad_field(source, label, "eps", eps, "a number >= 0")
+        momentum = r.get("momentum")
+        if momentum is not None and (not _is_number(momentum) or not math.isfinite(momentum)):
+            _bad_field(source, label, "momentum", momentum, "a number or null")
+        for key in ("in_features", "out_features"):
+            v = r.get(key)
+            if not _is_int(v) or v <= 0:
+                _bad_field(source, label, key, v, "a positive integer")
+        for key in ("bias", "affine"):
+            if key in r and not isinstance(r[key], bool):
+                _bad_field(source, label, key, r[key], "true or false")
+        if "bias" not in r:
+            _bad_field(source, label, "bias", None, "true or false")
+        for key in ("linear", "bn", "qat"):
+            if r[key] in seen and not (key == "qat" and r["qat"] == r["linear"]):
+                raise CheckpointError(
+                    f"{source}: module {r[key]!r} appears in two pairs of the qatconv metadata",
+                    hint=_META_HINT,
+                )
+        seen.update({r["linear"], r["bn"]})
+        out.append(r)
+    return out
+
+
+def _bad_field(source: object, label: object, key: str, value: object, want: str = "") -> None:
+    shown = json.dumps(value) if value is None or isinstance(value, (int, float, str)) else (
+        type(value).__name__
+    )
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    need = f" (expected {want})" if want else ""
+    raise CheckpointError(
+        f"{source}: pair {label}: {key!r} is {'missing' if value is None else shown}{need} in "
+        "the qatconv metadata",
+        hint=_META_HINT,
+    )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------- QAT tensors
+
+
+def check_qat_tensors(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a QAT checkpoint with NaN/inf weights or a paired running_var <= 0.
+
+    Reads with pread a block at a time, without torch: memory stays flat. Fake-quant state is
+    not scanned (an observer that never ran holds +-inf bounds; fold checks the scale itself).
+
+    Raises:
+        CheckpointError: the first problem found, naming the tensor and the channels.
+    """
+    headers = _headers(Path(path))
+    var_keys = {f"{r['qat']}.bn.running_var" for r in records}
+    problems: list[tuple[str, str]] = []
+    for header in headers:
+        try:
+            fd = os.open(header.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {header.path}: {e.strerror or e}") from None
+        try:
+            for name in sorted(header.tensors):
+                info = header.tensors[name]
+                if info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name:
+                    continue
+                rows = info.shape[0] if info.shape else 1
+                bad_rows = _scan_nonfinite(fd, header, name)
+                if bad_rows:
+                    unit = "channels" if len(info.shape) == 1 else "output channels"
+                    problems.append(
+                        (f"{name} has NaN/inf values in {bad_rows} of {rows} {unit}",
+                         _NONFINITE_HINT)
+                    )
+                elif name in var_keys:
+                    var = _as_float64(st_format.read_tensor_bytes(fd, header, name), info.dtype)
+                    bad = int((var <= 0).sum())
+                    if bad:
+                        problems.append(
+                            (f"{name} is <= 0 in {bad} of {var.size} channels", _VAR_HINT)
+                        )
+        finally:
+            os.close(fd)
+    _raise_first(problems, path)
+
+
+def _headers(path: Path) -> list[st_format.Header]:
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        path = indexes[0] if len(indexes) == 1 else singles[0] if len(singles) == 1 else path
+    if path.name.endswith(".index.json"):
+        files = sorted(set(st_format.read_index(path).values()))
+        return [st_format.read_header(f) for f in files]
+    return [st_format.read_header(path)]
+
+
+def _as_float64(raw: bytes | memoryview, dtype: str) -> np.ndarray:
+    import numpy as np
+
+    arr = np.frombuffer(raw, dtype=np.dtype(_FLOAT_DTYPES[dtype]))
+    if dtype == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return arr.astype(np.float64)
+
+
+def _scan_nonfinite(fd: int, header: st_format.Header, name: str) -> int:
+    """How many rows (first-dimension slices) of tensor ``name`` hold a NaN or inf."""
+    import numpy as np
+
+    info = header.tensors[name]
+    if info.numel == 0:
+        return 0
+    rows = info.shape[0] if info.shape else 1
+    row_elems = info.numel // rows
+    itemsize = st_format.DTYPE_SIZES[info.dtype]
+    block = max(1, _BLOCK_BYTES // max(1, row_elems * itemsize))
+    bad = 0
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        raw = (
+            st_format.read_tensor_bytes(fd, header, name, r0, r1)
+            if info.shape
+            else st_format.read_tensor_bytes(fd, header, name)
+        )
+        values = _as_float64(raw, info.dtype).reshape(r1 - r0, row_elems)
+        bad += int((~np.isfinite(values).all(axis=1)).sum())
+    return bad
+
+
+# ---------------------------------------------------------------------------- pairs vs model
+
+
+def check_pairs_fit_model(
+    model: nn.Module, records: Iterable[Mapping[str, Any]], source: object
+) -> None:
+    """Each record's ``linear`` is an ``nn.Linear`` and ``bn`` a ``BatchNorm1d`` of its size.
+
+    Raises:
+        CheckpointError: a path the model does not have, or a module of another kind or size.
+    """
+    from torch import nn
+
+    for r in records:
+        lin_path, bn_path = str(r.get("linear")), str(r.get("bn"))
+        lin, bn = _submodule(model, lin_path), _submodule(model, bn_path)
+        if lin is None or bn is None:
+            missing = lin_path if lin is None else bn_path
+            raise CheckpointError(
+                f"{source}: pair {lin_path} -> {bn_path}: the model has no module {missing!r}",
+                hint="the checkpoint was made from another model: check --model / --model-arg",
+            )
+        if not isinstance(lin, nn.Linear) or not isinstance(bn, nn.BatchNorm1d):
+            raise CheckpointError(
+                f"{source}: pair {lin_path} -> {bn_path}: the model has a "
+                f"{type(lin).__name__} and a {type(bn).__name__} there, not a Linear and a "
+                "BatchNorm1d",
+                hint="the checkpoint was made from another model: check --model / --model-arg",
+            )
+        if bn.num_features != lin.out_features or r.get("out_features", lin.out_features) != (
+            lin.out_features
+        ) or r.get("in_features", lin.in_features) != lin.in_features:
+            raise CheckpointError(
+                f"{source}: pair {lin_path} -> {bn_path}: the model's sizes "
+                f"({lin.in_features}->{lin.out_features}, BN {bn.num_features}) differ from the "
+                f"recorded {r.get('in_features')}->{r.get('out_features')}",
+                hint="check --model-arg: the checkpoint was made with other sizes",
+            )
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
