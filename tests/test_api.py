@@ -250,6 +250,39 @@ def test_load_model_is_not_changed_by_prepare_or_fold(tmp_path: Path) -> None:
     assert not torch.equal(q["fc1.weight"], ref["fc1.weight"]), "fine-tune took no step"
 
 
+def test_recalibrate_bn_gives_exact_averages_and_a_faithful_fold(tmp_path: Path) -> None:
+    """--recalibrate-bn: each BN's stats become the exact mean / unbiased variance of its input
+    over the data, pair by pair in graph order (upstream BNs already re-estimated). Reference:
+    the float model in float64 with forward pre-hooks; bound 1e-6 (float32 forward inside
+    the library vs float64 here)."""
+    sample = SAMPLE_MODELS["tabular"]
+    qat_path, folded = tmp_path / "qat.safetensors", tmp_path / "folded.safetensors"
+    api.prepare(sample.cfg(), sample.calib, qat_path, train=TrainConfig(recalibrate_bn=True))
+    x = inputs_of(sample.calib)
+    ref = float_model(sample).double()
+    for _, bn in sample.pairs:
+        mod = ref.get_submodule(bn)
+        seen: list[torch.Tensor] = []
+        handle = mod.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0]))
+        run(ref, x.double())
+        handle.remove()
+        with torch.no_grad():
+            mod.running_mean.copy_(seen[0].mean(0))
+            mod.running_var.copy_(seen[0].var(0, unbiased=True))
+    q = load_file(qat_path)
+    for lin, bn in sample.pairs:
+        mod = ref.get_submodule(bn)
+        mean, var = q[f"{lin}.bn.running_mean"].double(), q[f"{lin}.bn.running_var"].double()
+        std = mod.running_var.sqrt()
+        assert float(((mean - mod.running_mean).abs() / std).max()) < 1e-6, lin
+        assert float(((var - mod.running_var).abs() / mod.running_var).max()) < 1e-6, lin
+        # The shipped stats really were replaced (they are far from these data's).
+        assert not torch.allclose(mod.running_var.float(), load_file(sample.weights)[
+            f"{bn}.running_var"], rtol=1e-2)
+    api.fold(folded, qat_checkpoint=qat_path)
+    assert_rel_close(run(api.load_folded(sample.cls(), folded), x), run(ref.float(), x))
+
+
 # ------------------------------------------------------------------- fine-tune at 8 bits
 
 
