@@ -38,6 +38,9 @@ _VAR_HINT = (
     "a BatchNorm variance must be positive: the statistics are corrupt; re-estimate them "
     "with `qatconv prepare --recalibrate-bn`"
 )
+_BROKEN_VAR_HINT = (
+    "a BatchNorm variance must be positive: the statistics are corrupt; re-export the checkpoint"
+)
 _META_HINT = "the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`"
 _BACKENDS = ("x86", "fbgemm", "qnnpack")
 _FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
@@ -61,7 +64,8 @@ def check_model_state(
         records: the pairs about to be prepared or folded (``bn`` paths).
         source: the checkpoint, for the message.
         stats_recomputed: BN running stats are about to be re-estimated (``--recalibrate-bn``):
-            their current values do not matter.
+            a running_var <= 0 is then accepted as long as running_var + eps > 0 (the QAT
+            forward that re-estimates them divides by sqrt(running_var + eps)).
 
     Raises:
         CheckpointError: the first problem found (and how many others there are).
@@ -70,30 +74,33 @@ def check_model_state(
     from torch import nn
 
     problems: list[tuple[str, str]] = []
-    stats = ("running_mean", "running_var")
     for name, t in model.state_dict().items():
-        if stats_recomputed and name.rsplit(".", 1)[-1] in stats:
-            continue
+        # Even stats about to be re-estimated must be finite: the QAT module scales the weight
+        # by gamma / sqrt(running_var + eps) in every forward, re-estimation's included.
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             where = _nonfinite_where(t)
             if where:
                 problems.append((f"{name} has NaN/inf values in {where}", _NONFINITE_HINT))
     paired = {str(r.get("bn")) for r in records}
     for path, m in model.named_modules():
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or stats_recomputed:
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         var = m.running_var
         if var is None or not bool(torch.isfinite(var).all()):
             continue  # no stats to fold, or already reported as non-finite
         v = var.detach().to(torch.float64)
-        # A folded pair divides by sqrt(var + eps): a variance <= 0 means corrupt statistics.
-        # A BN that is not folded only needs var + eps > 0 to give finite outputs.
-        bad = int((v <= 0).sum()) if path in paired else int((v + m.eps <= 0).sum())
+        broken = int((v + m.eps <= 0).sum())  # sqrt(var + eps) is NaN or 0: no forward works
+        # A folded pair divides by sqrt(var + eps): a variance <= 0 means corrupt statistics,
+        # unless they are about to be re-estimated. A BN that is not folded only needs
+        # var + eps > 0.
+        strict = path in paired and not stats_recomputed
+        bad = int((v <= 0).sum()) if strict else broken
         if bad:
-            what = "<= 0" if path in paired else "+ eps <= 0"
-            problems.append(
-                (f"{path}.running_var is {what} in {bad} of {v.numel()} channels", _VAR_HINT)
-            )
+            what = "<= 0" if strict else "+ eps <= 0"
+            problems.append((
+                f"{path}.running_var is {what} in {bad} of {v.numel()} channels",
+                _VAR_HINT if not broken else _BROKEN_VAR_HINT,
+            ))
     _raise_first(problems, source)
 
 
