@@ -655,7 +655,10 @@ def _atomic_write(path: Path, header: bytes, tensors: list[torch.Tensor]) -> Non
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        raise OutputError(
+            f"cannot write {path}: {e.strerror or e}",
+            hint="check that the output folder is writable and has free space",
+        ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
