@@ -41,8 +41,8 @@ def _import_qat() -> tuple[type, type, type, type]:
             warnings.simplefilter("ignore", DeprecationWarning)
             from torch.ao.nn.intrinsic.qat import LinearBn1d
             from torch.ao.quantization import (
+                FakeQuantize,
                 FakeQuantizeBase,
-                FusedMovingAvgObsFakeQuantize,
                 MovingAveragePerChannelMinMaxObserver,
             )
     except ImportError as e:  # torch built without the ao QAT modules
@@ -53,20 +53,25 @@ def _import_qat() -> tuple[type, type, type, type]:
     return (
         LinearBn1d,
         FakeQuantizeBase,
-        FusedMovingAvgObsFakeQuantize,
+        FakeQuantize,
         MovingAveragePerChannelMinMaxObserver,
     )
 
 
-_LinearBn1d, FakeQuantizeBase, _FusedFQ, _PerChannelObserver = _import_qat()
+_LinearBn1d, FakeQuantizeBase, _FakeQuantize, _PerChannelObserver = _import_qat()
 
 
 def make_qconfig(quant: QuantConfig) -> object:
-    """QConfig with per-channel symmetric weight fake quant; activations are left float."""
+    """QConfig with per-channel symmetric weight fake quant; activations are left float.
+
+    The non-fused `FakeQuantize`: torch's fused per-channel kernel gives channels whose weights
+    all share one sign an asymmetric zero point (quant_min or quant_max) despite
+    `per_channel_symmetric`, which int8 symmetric kernels cannot run.
+    """
     from torch.ao.quantization import QConfig
 
     qmin, qmax = quant.quant_range
-    weight = _FusedFQ.with_args(
+    weight = _FakeQuantize.with_args(
         observer=_PerChannelObserver,
         quant_min=qmin,
         quant_max=qmax,
