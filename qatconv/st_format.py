@@ -197,7 +197,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if (
         not isinstance(shape, list)
