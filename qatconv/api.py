@@ -241,7 +241,9 @@ def prepare(
         note(n)
     dataset = data_mod.load_data(data, target_column=target_column)
     model = loaded.model
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    # The checkpoint's own dtype (loading casts into the model's float32 parameters).
+    source = loaded.tensors.values() if loaded.tensors else model.parameters()
+    dtypes = {t.dtype for t in source if t.is_floating_point()}
     orig_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     if orig_dtype != torch.float32:
         note(f"the model is {orig_dtype}; QAT runs in float32 (torch's fake quant needs it)")
@@ -292,7 +294,7 @@ def prepare(
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "stage": "qat",
-        "model": {"spec": loaded.spec, "args": loaded.args},
+        "model": _model_meta(loaded),
         "pairs": records,
         "skipped": _skipped_json(scan),
         "backend": quant.backend.value,
@@ -342,12 +344,28 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
     return model
 
 
+def _model_meta(loaded: LoadedModel) -> dict[str, Any]:
+    """The model spec as given, plus the absolute file path for `file.py:NAME` specs."""
+    meta: dict[str, Any] = {"spec": loaded.spec, "args": loaded.args}
+    if loaded.spec and ":" in loaded.spec:
+        file, _, name = loaded.spec.rpartition(":")
+        if file.endswith(".py"):
+            meta["spec_resolved"] = f"{Path(file).resolve()}:{name}"
+    return meta
+
+
 def _model_cfg_from_meta(meta: dict[str, Any], model_cfg: ModelConfig | None) -> ModelConfig:
     from qatconv import modelspec
 
     if model_cfg is not None and model_cfg.spec is not None:
         return ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
-    spec = (meta.get("model") or {}).get("spec")
+    model_meta = meta.get("model") or {}
+    spec = model_meta.get("spec")
+    resolved = model_meta.get("spec_resolved")
+    if isinstance(spec, str) and isinstance(resolved, str) and not Path(
+        spec.rpartition(":")[0]
+    ).exists():
+        spec = resolved  # a relative file spec, read from another folder than prepare's
     if not spec:
         raise UsageError(
             "this check needs the model code, and the checkpoint names no model spec",
@@ -423,6 +441,19 @@ def fold(
         source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
         extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
                                            "scheme")}
+        # Per pair: how its folded weight is quantized. The per-channel scales themselves are
+        # the QAT checkpoint's `<linear>.weight_fake_quant.scale` (or `--emit-qparams`).
+        extra["qparams"] = {
+            r["linear"]: {
+                "scheme": meta.get("scheme", "per_channel_symmetric"),
+                "axis": 0,
+                "weight_bits": meta.get("weight_bits"),
+                "quant_min": meta.get("quant_min"),
+                "quant_max": meta.get("quant_max"),
+                "scale": f"{r['linear']}.weight_scale" if emit_qparams else None,
+            }
+            for r in records
+        }
     else:
         if model_cfg is None or model_cfg.weights is None:
             raise UsageError(
@@ -457,7 +488,7 @@ def fold(
         unverified = [p.linear for p in scan.unverified]
         fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
         source, stage_from = model_cfg.weights, "float"
-        model_meta = {"spec": loaded.spec, "args": loaded.args}
+        model_meta = _model_meta(loaded)
         extra = {"unverified": unverified}
         state = loaded.tensors
     meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
@@ -494,8 +525,9 @@ def fold(
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
+    index = [f for f in files if f.name.endswith(".index.json")]
     return FoldResult(
-        output=out,
+        output=index[0] if index else out,
         files=files,
         pairs=records,
         skipped=skipped,

@@ -336,9 +336,6 @@ def test_errors_leave_stdout_empty_under_json(cli: Any, tmp_path: Path) -> None:
     assert r.out == ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with --max-shard-size and -o DIR/model.safetensors "
-                   "the index is written as DIR/model.safetensors.index.json, but --json "
-                   "'output' still names DIR/model.safetensors, which does not exist")
 def test_sharded_fold_json_output_names_the_index(
     cli: Any, tmp_path: Path, qat_ckpt: Path
 ) -> None:
