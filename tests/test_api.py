@@ -381,8 +381,6 @@ def test_emit_qparams_reproduce_the_qat_fake_quantized_weight(finetuned: dict[st
         assert not torch.equal(deployed, got[f"{lin}.weight"])
 
 
-@pytest.mark.xfail(strict=False, reason="BUG: the folded file's metadata has no per-pair weight "
-                   "quant params (api.fold writes _folded_meta without FoldReport.qparams)")
 def test_folded_metadata_records_per_pair_quant_params(finetuned: dict[str, Path]) -> None:
     meta = metadata(finetuned["folded"])
     per_pair = meta.get("qparams") or {}

@@ -370,10 +370,6 @@ def test_emit_qparams_on_zero_gamma_and_all_positive_channels(
     assert torch.equal(deployed[~keep], torch.zeros_like(deployed[~keep]))
 
 
-@pytest.mark.xfail(strict=False, reason="BUG: make_qconfig uses FusedMovingAvgObsFakeQuantize, "
-                   "whose per_channel_symmetric qparams give zero_point = quant_min (-128) and "
-                   "scale = max/255 for a channel whose scaled weights are all positive, while "
-                   "the metadata says scheme per_channel_symmetric")
 def test_per_channel_symmetric_weights_have_zero_zero_points(
     unseen: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -390,9 +386,6 @@ def test_per_channel_symmetric_weights_have_zero_zero_points(
     assert "fc.weight_zero_point" not in load_file(folded)
 
 
-@pytest.mark.xfail(strict=False, reason="BUG: QAT metadata stores a file spec as typed (relative "
-                   "to the cwd of `prepare`); `fold --check` / load_qat from another folder "
-                   "cannot find the model")
 def test_fold_check_works_from_another_folder(
     unseen: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -405,10 +398,6 @@ def test_fold_check_works_from_another_folder(
     ok("fold", qat_path, "-o", tmp_path / "f.safetensors", "--check", d / "NoBias.npz")
 
 
-@pytest.mark.xfail(strict=False, reason="BUG: api.prepare takes the dtype from the built model's "
-                   "parameters (always float32 after load_state_dict), so a float16 checkpoint "
-                   "gives a float32 QAT file (metadata dtype float32) and a float32 fold, "
-                   "while the plain fold keeps float16")
 def test_prepare_keeps_a_float16_checkpoint_float16(tmp_path: Path) -> None:
     half = tmp_path / "half.safetensors"
     state = load_file(SAMPLES / "digits_mlp.safetensors")
