@@ -173,6 +173,20 @@ def test_plain_fold_without_check_reports_unverified_pairs(cli: Any, tmp_path: P
     assert "warning:" in r.err and "--check" in r.err
 
 
+def test_human_output_goes_to_stderr_plain_and_quiet_silences_it(
+    cli: Any, tmp_path: Path
+) -> None:
+    args = ["prepare", "--model", SPEC, "--weights", WEIGHTS, "--data", CALIB,
+            "--mode", "finetune", "--steps", "4", "--batch-size", "32"]
+    r = cli(*args, "-o", tmp_path / "a.safetensors")
+    assert r.code == 0, r.err
+    assert r.out == ""
+    assert "fc1" in r.err and "a.safetensors" in r.err
+    assert "\x1b[" not in r.err  # no colour codes when stderr is not a terminal
+    r = cli(*args, "-o", tmp_path / "b.safetensors", "--quiet")
+    assert r.code == 0 and r.out == "" and r.err == ""
+
+
 # ----------------------------------------------------------------------- exit codes: 2
 
 

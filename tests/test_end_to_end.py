@@ -434,6 +434,10 @@ def test_prepare_is_byte_identical_for_the_same_inputs_and_seed(
     for out in outs:
         ok("prepare", *TAB, *extra, "--seed", "3", "-o", out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
+    folds = [tmp_path / f"folded{i}.safetensors" for i in range(2)]
+    for src, out in zip(outs, folds, strict=True):
+        ok("fold", src, "-o", out, "--emit-qparams")
+    assert folds[0].read_bytes() == folds[1].read_bytes()
     if mode == "finetune":
         other = tmp_path / "seed4.safetensors"
         ok("prepare", *TAB, *extra, "--seed", "4", "-o", other)
