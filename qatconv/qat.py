@@ -309,6 +309,51 @@ def loss_fn(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return F.mse_loss
 
 
+def _check_targets(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss
+) -> None:
+    """Refuse targets the loss cannot use, before any step (torch would broadcast or crash)."""
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in fqs]
+    was_training = model.training
+    try:  # a side-effect-free forward: no observation, no BN update
+        set_fake_quant_(model, fake_quant=False, observer=False)
+        model.eval()
+        with torch.no_grad():
+            out = model(inputs[:2])
+    finally:
+        model.train(was_training)
+        for m, (fq_on, obs_on) in zip(fqs, saved):
+            m.fake_quant_enabled.copy_(fq_on)
+            m.observer_enabled.copy_(obs_on)
+    if loss is Loss.mse and tuple(targets.shape[1:]) != tuple(out.shape[1:]):
+        hint = (
+            "these look like class labels: use --loss cross-entropy"
+            if not targets.is_floating_point()
+            else "targets must have the model output's shape per sample"
+        )
+        raise DataError(
+            f"--loss mse needs targets shaped like the outputs {tuple(out.shape[1:])} per "
+            f"sample, the data has {tuple(targets.shape[1:])}",
+            hint=hint,
+        )
+    if loss is Loss.cross_entropy:
+        if targets.is_floating_point():
+            if tuple(targets.shape[1:]) != tuple(out.shape[1:]):
+                raise DataError(
+                    "--loss cross-entropy needs class indices or per-class probabilities "
+                    f"shaped like the outputs {tuple(out.shape[1:])}",
+                )
+        elif out.dim() < 2 or targets.dim() != 1 or int(targets.min()) < 0 or int(
+            targets.max()
+        ) >= out.shape[1]:
+            raise DataError(
+                f"--loss cross-entropy needs class indices in [0, {out.shape[-1]}) per sample; "
+                f"the targets span [{int(targets.min())}, {int(targets.max())}]",
+                hint="check --target-column, or use --loss distill",
+            )
+
+
 def finetune_(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -329,6 +374,12 @@ def finetune_(
     """
     if config.mode is not Mode.finetune:
         raise ValueError("finetune_ needs mode=finetune")
+    if len(inputs) < 2:
+        raise DataError(
+            f"fine-tuning needs at least 2 samples (BatchNorm statistics), the data has "
+            f"{len(inputs)}",
+            hint="use more data, or --mode calibrate",
+        )
     gen = torch.Generator().manual_seed(config.seed)
     criterion = loss_fn(config.loss)
     if config.loss is Loss.distill:
@@ -344,6 +395,7 @@ def finetune_(
                 hint="add `targets` to the data, or use --loss distill (label-free)",
             )
         goal = targets
+        _check_targets(model, inputs, goal, config.loss)
         if config.loss is Loss.mse:
             goal = goal.to(inputs.dtype)
     params = [p for p in model.parameters() if p.requires_grad]

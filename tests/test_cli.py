@@ -362,9 +362,6 @@ def test_sharded_fold_json_output_names_the_index(
     assert Path(obj["output"]).exists(), obj["output"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --loss mse with class-index targets ([N] vs outputs "
-                   "[N, 10]) broadcasts in F.mse_loss (torch warning leaks) then fails: "
-                   "'internal error: RuntimeError' exit 1 instead of a DataError (exit 3)")
 def test_mse_loss_with_class_targets_is_bad_input(cli: Any, tmp_path: Path) -> None:
     out = tmp_path / "q.safetensors"
     r = cli("prepare", "--model", SPEC, "--weights", WEIGHTS, "--data", CALIB, "-o", out,
@@ -377,9 +374,6 @@ class _Hung(BaseException):
     """Raised by SIGALRM: escapes cli.main's handlers, which catch Exception only."""
 
 
-@pytest.mark.xfail(strict=True, raises=_Hung, reason="BUG: prepare --mode finetune on data with "
-                   "1 sample loops forever: qat._batches drops every batch of < 2 samples and "
-                   "never yields")
 def test_finetune_on_a_single_sample_is_refused(cli: Any, tmp_path: Path) -> None:
     data = tmp_path / "one.npz"
     with np.load(CALIB) as d:
