@@ -192,9 +192,10 @@ def _read_index(index: Path) -> tuple[dict[str, object], dict[str, str]]:
         obj = json.loads(index.read_text(encoding="utf-8"))
     except OSError as e:
         raise CheckpointError(f"cannot read {index}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, digit limits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
         raise CheckpointError(
-            f"{index} is not valid JSON ({e})", hint="re-export the sharded checkpoint"
+            f"{index} is not valid JSON ({why})", hint="re-export the sharded checkpoint"
         ) from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(

@@ -256,8 +256,11 @@ def read_index(path: Path) -> dict[str, Path]:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, digit limits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        raise CheckpointError(
+            f"{path} is not valid JSON ({why})", hint="re-export the sharded checkpoint"
+        ) from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

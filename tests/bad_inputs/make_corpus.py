@@ -162,6 +162,22 @@ def _safetensors_cases(d: Path) -> None:
     (d / "st_huge_dim.safetensors").write_bytes(
         _st_bytes({"x": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"")
     )
+    # Sharded checkpoints (Hugging Face index + shards) with a broken index.
+    index = "model.safetensors.index.json"
+    shard = "model-00001-of-00001.safetensors"
+    weight_map = {k: shard for k in header if k != "__metadata__"}
+    indexes = {
+        "idx_bad_json": "{",
+        "idx_deep_json": "[" * 100_000,
+        "idx_no_weight_map": json.dumps({"metadata": {}}),
+        "idx_traversal": json.dumps({"weight_map": {k: "../good.safetensors" for k in weight_map}}),
+        "idx_missing_shard": json.dumps({"weight_map": {k: "gone.safetensors" for k in weight_map}}),
+        "idx_wrong_tensor": json.dumps({"weight_map": {**weight_map, "fc9.weight": shard}}),
+    }
+    for name, text in indexes.items():
+        (d / name).mkdir()
+        (d / name / index).write_text(text)
+        shutil.copy(good, d / name / shard)
     # Two entries with the same name: JSON keeps the last one silently; the file is ambiguous.
     raw = json.dumps(header).encode()
     dup = raw[:-1] + b', "' + first.encode() + b'": ' + json.dumps(header[first]).encode() + b"}"
@@ -409,6 +425,14 @@ def _build_cases() -> list[Case]:
                           expect="" if empty_ok else word))
         if not empty_ok:
             cases.append(Case(f"inspect-{name}", ("inspect", f), expect=word, writes=False))
+    for name, word in {"idx_bad_json": "json", "idx_deep_json": "json",
+                       "idx_no_weight_map": "weight_map", "idx_traversal": "not a file name",
+                       "idx_missing_shard": "gone.safetensors",
+                       "idx_wrong_tensor": "fc9.weight"}.items():
+        f = f"{{corpus}}/{name}/model.safetensors.index.json"
+        cases.append(Case(f"prepare-{name}", _prep(f), expect=word))
+        cases.append(Case(f"prepare-dir-{name}", _prep(f"{{corpus}}/{name}"), expect=word))
+        cases.append(Case(f"fold-{name}", ("fold", f, "-o", "{out}"), expect=""))
     content = {
         "nan_weight": "fc1.weight",
         "inf_bias": "fc2.bias",
