@@ -23,6 +23,7 @@ import pickle
 import shutil
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,11 @@ def _content_cases(d: Path) -> None:
     torch.save({"state_dict": state, "hook": CreateFile(marker)}, d / "pt_malicious_nested.ckpt")
     (d / "pt_malicious_legacy.pth").write_bytes(pickle.dumps(CreateFile(marker), protocol=2))
     (d / "pt_malicious_bin.bin").write_bytes(pickle.dumps({"w": CreateFile(marker)}))
+    # The payload pickle renamed to .safetensors: qatconv must never unpickle a .safetensors.
+    (d / "st_is_pickle.safetensors").write_bytes(pickle.dumps(CreateFile(marker), protocol=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), d / "pt_torchscript.pt")
     # A zip whose data.pkl is damaged: a byte in the middle of the pickle stream flipped.
     src = zipfile.ZipFile(io.BytesIO(good_pt))
     out = io.BytesIO()
@@ -465,6 +471,8 @@ def _build_cases() -> list[Case]:
         "pt_malicious_nested.ckpt": "--trust-pickle",
         "pt_malicious_legacy.pth": "--trust-pickle",
         "pt_malicious_bin.bin": "--trust-pickle",
+        "pt_torchscript.pt": "torchscript",
+        "st_is_pickle.safetensors": "not a valid safetensors file",
     }
     for name, word in pickles.items():
         f = f"{{corpus}}/{name}"
