@@ -433,8 +433,12 @@ def _short(path: Path, name: str) -> CheckpointError:
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM,
                        errno.ETXTBSY, errno.EBADF}  # fmt: skip
 _NO_SENDFILE = {errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-_COPY_STEP = 1 << 30  # bytes per copy syscall (Linux caps one call just under 2 GiB)
+_COPY_STEP = 32 << 20  # bytes per copy syscall
 _PREAD_STEP = 8 << 20  # bytes per pread in the plain fallback
+# With fsync on, data is pushed to disk while it is written and dropped from the page cache
+# one window behind the write position: the final fsync then has one window left to flush,
+# and the file never holds more than two windows of dirty page cache.
+_WRITEBACK_WINDOW = 32 << 20
 
 
 @final
@@ -473,6 +477,8 @@ class StreamWriter:
         self._fsync = fsync
         self._auto_commit = commit
         self._fd: int | None = None
+        self._pos = 0  # bytes written to the temp file
+        self._flushed = 0  # bytes handed to writeback and dropped from the page cache
         self._i = 0  # index of the tensor being filled
         self._filled = 0  # bytes of it written so far
         self._finished = False
@@ -584,6 +590,7 @@ class StreamWriter:
                     chunk = os.pread(src_fd, min(step, _PREAD_STEP), offset)
                     self._write_all(chunk)
                     k = len(chunk)
+                    self._pos -= k  # counted below, as for the in-kernel copies
                 if k == 0:
                     raise CheckpointError(
                         f"source of {target!r} ended {left} bytes early: the input file was "
@@ -592,6 +599,8 @@ class StreamWriter:
                 offset += k
                 left -= k
                 self._advance(k)
+                self._pos += k
+                self._writeback()
         except OSError as e:
             raise self._output_error(e) from None
 
@@ -639,8 +648,21 @@ class StreamWriter:
             while len(view):
                 k = os.write(fd, view)
                 view = view[k:]
+                self._pos += k
         except OSError as e:
             raise self._output_error(e) from None
+        self._writeback()
+
+    def _writeback(self) -> None:
+        # FADV_DONTNEED starts writeback of the dirty pages in its range without waiting and
+        # drops the pages already clean: called on the window before the last one, it keeps
+        # the disk busy during the fold and recycles page cache instead of growing it.
+        if not self._fsync or not _HAS_FADVISE:
+            return
+        while self._pos - self._flushed >= 2 * _WRITEBACK_WINDOW:
+            assert self._fd is not None
+            os.posix_fadvise(self._fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
+            self._flushed += _WRITEBACK_WINDOW
 
     def _finish(self) -> None:
         while self._i < len(self._names) and self._sizes[self._i] == 0 and self._filled == 0:
@@ -669,6 +691,9 @@ class StreamWriter:
             f"cannot write {self.final_path}: {e.strerror or e}",
             hint="check that the output folder exists, is writable and has free space",
         )
+
+
+_HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -300,6 +300,31 @@ def test_blockwise_fold_equals_whole_tensor_fold(
         assert out.read_bytes() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_weights_round_like_torch(tmp_path: Path, dtype: torch.dtype) -> None:
+    """torch casts float64 -> float16/bfloat16 through float32 (double rounding); so must we.
+
+    With 256K products some land where a direct float64 -> 16-bit rounding would differ."""
+    gen = torch.Generator().manual_seed(11)
+    out_f, in_f = 512, 512
+    w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+    s = _stats(out_f, gen, torch.float32)
+    tensors = {"l.weight": w, "l.bias": torch.randn(out_f, generator=gen).to(dtype),
+               "b.weight": s["gamma"], "b.bias": s["beta"],
+               "b.running_mean": s["mean"], "b.running_var": s["var"]}  # fmt: skip
+    pairs = [FoldPair.from_float_record(_record("l", "b", out_f, in_f, True))]
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tensors, src)
+    fold_file(src, out, pairs, metadata={})
+    w_ref, _ = _to_float_reference(
+        w, tensors["l.bias"], s["mean"], s["var"], 1e-5, s["gamma"], s["beta"]
+    )
+    _same(load_file(out)["l.weight"], w_ref.to(dtype))
+    if dtype == torch.float16:  # the data does exercise the difference
+        direct = torch.from_numpy(w_ref.numpy().astype("float16"))
+        assert not torch.equal(direct, w_ref.to(dtype))
+
+
 def test_output_is_deterministic_whatever_the_source_order(tmp_path: Path) -> None:
     tensors, records = _float_checkpoint()
     pairs = [FoldPair.from_float_record(r) for r in records]
@@ -402,6 +427,48 @@ def test_failures_write_nothing(tmp_path: Path) -> None:
     # bias=false in the record while the checkpoint has the bias: refuse, do not write it twice.
     no_bias = [FoldPair.from_float_record(records[0] | {"bias": False})]
     fails(tensors, CheckpointError, "'mlp.0.bias' twice", pairs=no_bias)
+
+
+def test_failures_while_streaming_stop_the_writes_and_clean_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors, records = _float_checkpoint(seed=6)
+    pairs = [FoldPair.from_float_record(r) for r in records]
+    src = tmp_path / "in.safetensors"
+    monkeypatch.setattr(fold_mod, "CHUNK_ELEMENTS", 5)  # one row per block: many queued writes
+    # A write fails on the background thread (disk full): the error surfaces, nothing stays.
+    calls = {"n": 0}
+    real = st_format.StreamWriter.write_chunk
+
+    def flaky(self: st_format.StreamWriter, name: str, data: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OutputError("cannot write out.safetensors: No space left on device")
+        real(self, name, data)
+
+    save_file(tensors, src)
+    monkeypatch.setattr(st_format.StreamWriter, "write_chunk", flaky)
+    with pytest.raises(OutputError, match="No space left"):
+        fold_file(src, tmp_path / "out.safetensors", pairs, metadata={})
+    assert _listing(tmp_path) == ["in.safetensors"]
+    monkeypatch.setattr(st_format.StreamWriter, "write_chunk", real)
+    # The main thread fails (overflow in the last row) while earlier rows are being written.
+    half = {k: v.half() if k == "mlp.0.weight" else v for k, v in tensors.items()}
+    half["mlp.0.weight"][12, 0] = 60000.0
+    half["mlp.1.running_var"] = torch.full((13,), 1e-4)
+    save_file(half, src)
+    with pytest.raises(CheckpointError, match="not finite in F16"):
+        fold_file(src, tmp_path / "out.safetensors", pairs, metadata={})
+    assert _listing(tmp_path) == ["in.safetensors"]
+    # A progress callback that raises (Ctrl-C in a UI) aborts the same way.
+    save_file(tensors, src)
+
+    def interrupt(linear: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fold_file(src, tmp_path / "out.safetensors", pairs, metadata={}, on_pair=interrupt)
+    assert _listing(tmp_path) == ["in.safetensors"]
 
 
 def test_output_rules(tmp_path: Path) -> None:

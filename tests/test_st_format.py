@@ -308,3 +308,32 @@ def test_read_index(tmp_path: Path) -> None:
     (tmp_path / "bad2.json").write_text("[]")
     with pytest.raises(CheckpointError, match="weight_map"):
         st_format.read_index(tmp_path / "bad2.json")
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writeback_window_keeps_data_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    # A tiny window so that writes and in-kernel copies both cross many window boundaries.
+    monkeypatch.setattr(st_format, "_WRITEBACK_WINDOW", 4096)
+    gen = torch.Generator().manual_seed(9)
+    src = {"a": _random_tensor(torch.float32, (300, 70), gen),
+           "b": _random_tensor(torch.int64, (5000,), gen)}  # fmt: skip
+    src_path = tmp_path / "src.safetensors"
+    save_file(src, src_path)
+    header = st_format.read_header(src_path)
+    out = tmp_path / "out.safetensors"
+    entries = st_format.canonical_order(_entries(src))
+    fd = os.open(src_path, os.O_RDONLY)
+    try:
+        with st_format.StreamWriter(out, entries, {}, fsync=fsync) as w:
+            info = header.tensors["b"]
+            w.copy_range(fd, header.data_start + info.begin, info.nbytes, "b")
+            data = _bytes(src["a"])
+            for i in range(0, len(data), 1000):
+                w.write_chunk("a", data[i : i + 1000])
+            flushed = w._flushed
+    finally:
+        os.close(fd)
+    assert (flushed > 100_000) == fsync  # the window only runs when the file is fsynced
+    assert out.read_bytes() == save(src, metadata={"format": "pt"})

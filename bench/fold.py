@@ -1,0 +1,282 @@
+"""Fold wall time and peak memory: qatconv's streaming fold vs the usual ways to fold a checkpoint.
+
+The checkpoint: L pairs of Linear(H, H) + BatchNorm1d(H) (+ ReLU), random and seeded, saved as
+a float safetensors file (and the same tensors in qatconv's QAT layout). H is picked so the file
+is --size-mib (default 1024: L=16, H=4096). Each tool runs in its own subprocess; its peak RSS
+is that child's `ru_maxrss` (os.wait4), its wall time includes interpreter start and imports:
+
+- cp: copying the file (the I/O floor).
+- safetensors load_file + save_file: read every tensor, write them back (no folding). load_file
+  maps the file, so save_file writes the source's page-cache pages straight back out.
+- safetensors load_file + scale weights + save_file: the same, but every weight is multiplied
+  by a constant first, so the bytes written are new, as with any fold.
+- torch.ao fuse_modules: build the model, load_state_dict(load_file(...)), eval, fuse each
+  (Linear, BN) pair, save_file(state_dict).
+- torch.fx fuse: same, with torch.fx.experimental.optimization.fuse(model) (copies the model).
+- qatconv fold_file, float layout (FoldPair.from_float_record), fsync on (the default).
+- qatconv fold_file, same with fsync=False (what the other tools do).
+- qatconv fold_file, QAT layout (FoldPair.from_qat_record, --emit-qparams).
+- python -c "import torch": the floor every torch-based tool pays.
+
+Rounds are interleaved (all tools in a shuffled order, then again, ...) after --warmup untimed
+rounds, and medians reported. The last
+round's outputs are checked: qatconv equals torch's float64 fold cast to float32 bit for bit.
+
+Run: python bench/fold.py [--size-mib 1024] [--repeat 3] [--json bench/out/fold.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "_work"
+LAYERS = 16
+
+_MODEL = """
+import torch
+from torch import nn
+L, H = {layers}, {hidden}
+model = nn.Sequential(*[m for _ in range(L) for m in (nn.Linear(H, H), nn.BatchNorm1d(H), nn.ReLU())])
+"""
+
+SCRIPTS: dict[str, str] = {
+    "python -c 'import torch'": "import torch",
+    "safetensors load_file + save_file": """
+from safetensors.torch import load_file, save_file
+save_file(load_file({src!r}), {dst!r}, metadata={{"format": "pt"}})
+""",
+    "safetensors load_file + scale weights + save_file": """
+from safetensors.torch import load_file, save_file
+sd = load_file({src!r})
+for k, v in sd.items():
+    if v.dim() == 2:
+        sd[k] = v * 1.0001  # new bytes, as any fold writes
+save_file(sd, {dst!r}, metadata={{"format": "pt"}})
+""",
+    "torch.ao fuse_modules": _MODEL
+    + """
+from safetensors.torch import load_file, save_file
+from torch.ao.quantization import fuse_modules
+model.load_state_dict(load_file({src!r}))
+model.eval()
+fuse_modules(model, [[str(3 * i), str(3 * i + 1)] for i in range(L)], inplace=True)
+save_file(model.state_dict(), {dst!r}, metadata={{"format": "pt"}})
+""",
+    "torch.fx fuse": _MODEL
+    + """
+from safetensors.torch import load_file, save_file
+from torch.fx.experimental.optimization import fuse
+model.load_state_dict(load_file({src!r}))
+fused = fuse(model.eval())
+save_file(fused.state_dict(), {dst!r}, metadata={{"format": "pt"}})
+""",
+    "qatconv fold_file": """
+from pathlib import Path
+from qatconv.fold import FoldPair, fold_file
+L = {layers}
+recs = [{{"linear": str(3 * i), "bn": str(3 * i + 1), "eps": 1e-5, "bias": True}} for i in range(L)]
+pairs = [FoldPair.from_float_record(r) for r in recs]
+fold_file(Path({src!r}), Path({dst!r}), pairs, metadata={{}}, fsync={fsync})
+""",
+    "qatconv fold_file (QAT layout, emit qparams)": """
+from pathlib import Path
+from qatconv.fold import FoldPair, fold_file
+L = {layers}
+recs = [{{"linear": str(3 * i), "qat": str(3 * i), "eps": 1e-5, "bias": True}} for i in range(L)]
+pairs = [FoldPair.from_qat_record(r, quant_range=(-128, 127)) for r in recs]
+fold_file(Path({qat_src!r}), Path({dst!r}), pairs, metadata={{}}, emit_qparams=True)
+""",
+}
+NO_FSYNC = "qatconv fold_file, fsync=False"
+BASELINE = "safetensors load_file + save_file"
+
+
+def generate(size_mib: int, seed: int) -> tuple[Path, Path, int]:
+    """Write (or reuse) the float and QAT-layout checkpoints; return their paths and H."""
+    hidden = int(math.sqrt(size_mib * 2**20 / (4 * LAYERS)))
+    float_path = WORK / f"fold-float-{LAYERS}x{hidden}-s{seed}.safetensors"
+    qat_path = WORK / f"fold-qat-{LAYERS}x{hidden}-s{seed}.safetensors"
+    if float_path.exists() and qat_path.exists():
+        return float_path, qat_path, hidden
+    import torch
+    from safetensors.torch import save_file
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    float_sd: dict[str, torch.Tensor] = {}
+    qat_sd: dict[str, torch.Tensor] = {}
+    bound = 1 / math.sqrt(hidden)
+    for i in range(LAYERS):
+        lin, bn = str(3 * i), str(3 * i + 1)
+        w = torch.empty(hidden, hidden).uniform_(-bound, bound, generator=gen)
+        b = torch.empty(hidden).uniform_(-bound, bound, generator=gen)
+        stats = {
+            "weight": torch.empty(hidden).uniform_(0.5, 1.5, generator=gen),
+            "bias": torch.randn(hidden, generator=gen) * 0.1,
+            "running_mean": torch.randn(hidden, generator=gen) * 0.1,
+            "running_var": torch.empty(hidden).uniform_(0.5, 2.0, generator=gen),
+            "num_batches_tracked": torch.tensor(1000),
+        }
+        float_sd[f"{lin}.weight"], float_sd[f"{lin}.bias"] = w, b
+        qat_sd[f"{lin}.weight"], qat_sd[f"{lin}.bias"] = w, b
+        for k, v in stats.items():
+            float_sd[f"{bn}.{k}"] = v
+            qat_sd[f"{lin}.bn.{k}"] = v
+        s = stats["weight"].double() * torch.rsqrt(stats["running_var"].double() + 1e-5)
+        amax = (w.double() * s[:, None]).abs().amax(dim=1)
+        fq = f"{lin}.weight_fake_quant"
+        qat_sd[f"{fq}.fake_quant_enabled"] = torch.ones(1, dtype=torch.int64)
+        qat_sd[f"{fq}.observer_enabled"] = torch.ones(1, dtype=torch.int64)
+        qat_sd[f"{fq}.scale"] = (amax / 127.5).float()
+        qat_sd[f"{fq}.zero_point"] = torch.zeros(hidden, dtype=torch.int32)
+        qat_sd[f"{fq}.activation_post_process.eps"] = torch.tensor([1.1920928955078125e-07])
+        qat_sd[f"{fq}.activation_post_process.min_val"] = -amax.float()
+        qat_sd[f"{fq}.activation_post_process.max_val"] = amax.float()
+    save_file(float_sd, float_path, metadata={"format": "pt"})
+    save_file(qat_sd, qat_path, metadata={"format": "pt"})
+    return float_path, qat_path, hidden
+
+
+# Runs one tool and reports its own wall time and peak RSS. A child's ru_maxrss also counts the
+# memory of the process it was forked from (up to exec), so tools are started from this small
+# launcher, never from the benchmark process itself.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall": wall, "maxrss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
+def run_child(argv: list[str]) -> tuple[float, float]:
+    """Run one tool; return (wall seconds, peak RSS MiB) of that tool's process alone."""
+    result = WORK / "launcher.json"
+    subprocess.run([sys.executable, "-c", _LAUNCHER, str(result), *argv], cwd=ROOT, check=True)
+    r = json.loads(result.read_text())
+    result.unlink()
+    if r["rc"] != 0:
+        raise SystemExit(f"{argv[:3]}... failed with exit code {r['rc']}")
+    return r["wall"], r["maxrss_kib"] / 1024  # Linux reports KiB
+
+
+def commands(src: Path, qat_src: Path, hidden: int, dst: Path) -> dict[str, list[str]]:
+    fmt = {"src": str(src), "qat_src": str(qat_src), "dst": str(dst), "layers": LAYERS,
+           "hidden": hidden, "fsync": True}  # fmt: skip
+    cmds = {"cp": ["cp", str(src), str(dst)]}
+    for name, code in SCRIPTS.items():
+        cmds[name] = [sys.executable, "-c", code.format(**fmt)]
+    cmds[NO_FSYNC] = [
+        sys.executable,
+        "-c",
+        SCRIPTS["qatconv fold_file"].format(**fmt | {"fsync": False}),
+    ]
+    return cmds
+
+
+def check_outputs(src: Path, outs: dict[str, Path]) -> dict[str, float]:
+    """qatconv == torch's float64 fold cast to float32 (bit-exact); others: max abs diff."""
+    import torch
+    from safetensors import safe_open
+    from torch.nn.utils.fusion import fuse_linear_bn_weights
+
+    with safe_open(src, framework="pt") as f:
+        t = {k: f.get_tensor(k).double() for k in ("0.weight", "0.bias", "1.running_mean",
+                                                    "1.running_var", "1.weight", "1.bias")}  # fmt: skip
+    w_ref, b_ref = fuse_linear_bn_weights(t["0.weight"], t["0.bias"], t["1.running_mean"],
+                                          t["1.running_var"], 1e-5, t["1.weight"], t["1.bias"])  # fmt: skip
+    w_ref, b_ref = w_ref.detach().float(), b_ref.detach().float()
+    diffs: dict[str, float] = {}
+    for name, path in outs.items():
+        with safe_open(path, framework="pt") as f:
+            w, b = f.get_tensor("0.weight"), f.get_tensor("0.bias")
+        diffs[name] = max(float((w - w_ref).abs().max()), float((b - b_ref).abs().max()))
+        if name.startswith("qatconv") and not (torch.equal(w, w_ref) and torch.equal(b, b_ref)):
+            raise SystemExit(f"{name}: output differs from torch's float64 fold")
+    return diffs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "fold.json")
+    args = ap.parse_args()
+
+    src, qat_src, hidden = generate(args.size_mib, args.seed)
+    file_mib = src.stat().st_size / 2**20
+    dst = WORK / "fold-out.safetensors"
+    cmds = commands(src, qat_src, hidden, dst)
+    for p in (src, qat_src):  # warm the page cache: every tool then reads from memory
+        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
+    print(f"checkpoint: {LAYERS} x (Linear({hidden}, {hidden}) + BatchNorm1d), {file_mib:.0f} MiB; "
+          f"{args.repeat} interleaved rounds", file=sys.stderr)  # fmt: skip
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    kept: dict[str, Path] = {}
+    # Warm-up rounds are not recorded: on a VM the first touches of guest memory (page cache
+    # for the outputs, the tools' own allocations) are much slower than later ones.
+    rng = random.Random(args.seed)
+    for r in range(-args.warmup, args.repeat):
+        order = list(cmds.items())
+        rng.shuffle(order)  # no tool always runs right after the same other tool
+        for name, argv in order:
+            dst.unlink(missing_ok=True)
+            wall, rss = run_child(argv)
+            label = "warm-up" if r < 0 else f"round {r + 1}"
+            print(f"  {label} {name}: {wall:.2f} s, {rss:.0f} MiB", file=sys.stderr)
+            if r < 0:
+                continue
+            samples[name].append((wall, rss))
+            if r == args.repeat - 1 and name in ("torch.ao fuse_modules", "torch.fx fuse",
+                                                  "qatconv fold_file"):  # fmt: skip
+                keep = WORK / f"last-{len(kept)}.safetensors"
+                dst.rename(keep)
+                kept[name] = keep
+    dst.unlink(missing_ok=True)
+    diffs = check_outputs(src, kept)
+    for p in kept.values():
+        p.unlink()
+
+    base = statistics.median(w for w, _ in samples[BASELINE])
+    rows = []
+    for name, runs in samples.items():
+        wall = statistics.median(w for w, _ in runs)
+        rss = statistics.median(m for _, m in runs)
+        rows.append({"tool": name, "wall_s": wall, "wall_vs_load_save": wall / base,
+                     "peak_rss_mib": rss, "rss_vs_file": rss / file_mib,
+                     "samples": [{"wall_s": w, "peak_rss_mib": m} for w, m in runs]})  # fmt: skip
+    print("| tool | wall s | vs load+save | peak RSS MiB | RSS / file size |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['tool']} | {row['wall_s']:.2f} | {row['wall_vs_load_save']:.2f}x | "
+              f"{row['peak_rss_mib']:.0f} | {row['rss_vs_file']:.2f}x |")  # fmt: skip
+    print("\nlayer-0 max abs difference from torch's float64 fold: "
+          + ", ".join(f"{k}: {v:.3g}" for k, v in diffs.items()))  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    args.json.write_text(json.dumps({
+        "checkpoint": {"layers": LAYERS, "hidden": hidden, "file_mib": file_mib,
+                       "path": str(src.relative_to(ROOT))},
+        "repeat": args.repeat, "warmup": args.warmup, "rows": rows, "max_abs_diff_layer0": diffs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "platform": platform.platform()},
+    }, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
