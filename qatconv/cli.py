@@ -442,8 +442,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)
         if "Abort" in names:  # older click turns Ctrl-C into Abort
             fail(_interruptible._INTERRUPTED, None, InterruptedError_.exit_code, e)
-        if "NoArgsIsHelpError" in names:
-            sys.stderr.write(str(e.format_message()) + "\n")  # type: ignore[attr-defined]
+        if "NoArgsIsHelpError" in names:  # bare `qatconv`: typer has printed the help
+            text = str(e.format_message()).strip()  # type: ignore[attr-defined]
+            if text:
+                sys.stderr.write(text + "\n")
             sys.exit(code)
         if "ClickException" in names:
             ctx = getattr(e, "ctx", None)

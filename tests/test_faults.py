@@ -293,6 +293,18 @@ def test_interrupt_while_writing_leaves_nothing(
     assert signal.getsignal(signal.SIGTERM) is handler  # main restores the SIGTERM handler
 
 
+def test_interrupt_outside_the_long_commands(
+    qat_ckpt: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in `inspect` (typer turns it into a bare Exit(130)): still one error line, 130."""
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "inspect_path", interrupted)
+    assert_error(cli("inspect", qat_ckpt), 130, "interrupted")
+
+
 # -------------------------------------------------------------- inputs changed while read
 
 

@@ -310,6 +310,14 @@ def test_internal_error_is_one_line_without_debug(
     assert r.code == 1 and "Traceback" in r.err and "ZeroDivisionError" in r.err
 
 
+def test_usage_errors_name_the_command_help(cli: Any) -> None:
+    r = cli("prepare", "--data", CALIB)
+    assert_clean_error(r, 2, "missing option '--output'")
+    assert r.err.rstrip().splitlines()[-1] == "hint: run 'qatconv prepare --help' for the options"
+    r = cli()  # bare `qatconv`: the help, exit 2, no error line
+    assert r.code == 2 and "Usage" in r.out + r.err and "error:" not in r.err
+
+
 def test_escaped_oserror_is_bad_input(monkeypatch: pytest.MonkeyPatch, corpus: Path,
                                       cli: Any) -> None:
     def denied(*a: object, **k: object) -> None:
