@@ -293,18 +293,27 @@ def _scan_nonfinite(fd: int, header: st_format.Header, name: str) -> int:
         return 0
     rows = info.shape[0] if info.shape else 1
     row_elems = info.numel // rows
-    itemsize = st_format.DTYPE_SIZES[info.dtype]
-    block = max(1, _BLOCK_BYTES // max(1, row_elems * itemsize))
+    row_bytes = row_elems * st_format.DTYPE_SIZES[info.dtype]
+    block = max(1, _BLOCK_BYTES // row_bytes)
+    buf = bytearray(min(rows, block) * row_bytes)  # reused for every block of this tensor
     bad = 0
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
-        raw = (
-            st_format.read_tensor_bytes(fd, header, name, r0, r1)
+        view = (
+            st_format.read_tensor_bytes(fd, header, name, r0, r1, out=buf)
             if info.shape
-            else st_format.read_tensor_bytes(fd, header, name)
+            else st_format.read_tensor_bytes(fd, header, name, out=buf)
         )
-        values = _as_float64(raw, info.dtype).reshape(r1 - r0, row_elems)
-        bad += int((~np.isfinite(values).all(axis=1)).sum())
+        if info.dtype == "BF16":  # no numpy bfloat16: all exponent bits set means NaN/inf
+            bits = np.frombuffer(view, dtype="<u2")
+            nonfinite = (bits & 0x7F80) == 0x7F80
+        else:
+            values = np.frombuffer(view, dtype=np.dtype(_FLOAT_DTYPES[info.dtype]))
+            if bool(np.isfinite(values).all()):  # the common case, one vectorised pass
+                continue
+            nonfinite = ~np.isfinite(values)
+        if bool(nonfinite.any()):
+            bad += int(nonfinite.reshape(r1 - r0, row_elems).any(axis=1).sum())
     return bad
 
 

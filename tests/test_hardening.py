@@ -266,6 +266,26 @@ def test_qat_records_validation() -> None:
             validate.qat_records(meta, "f")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_qat_tensor_scan_counts_rows(dtype: torch.dtype, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch-free block scan agrees with torch.isfinite row by row, across block edges."""
+    monkeypatch.setattr(validate, "_BLOCK_BYTES", 64)  # many blocks, rows split over them
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 5, generator=gen).to(dtype)
+    w[[2, 3, 30], [0, 4, 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")],
+                                            dtype=dtype)
+    ok = torch.ones(9, dtype=dtype)
+    qparams = torch.full((4,), float("inf"))  # fake-quant state is not scanned
+    save_file({"w": w, "ok": ok, "x.weight_fake_quant.activation_post_process.max_val": qparams},
+              tmp_path / "q.safetensors")
+    expected = int((~torch.isfinite(w)).any(dim=1).sum())
+    with pytest.raises(CheckpointError, match=f"w has NaN/inf values in {expected} of 37 output"):
+        validate.check_qat_tensors(tmp_path / "q.safetensors", [])
+    save_file({"w": w.nan_to_num(), "ok": ok}, tmp_path / "q.safetensors")
+    validate.check_qat_tensors(tmp_path / "q.safetensors", [])
+
+
 def test_pairs_must_fit_the_model() -> None:
     from sample_models.digits_mlp import DigitsMLP
 
