@@ -1,0 +1,126 @@
+"""All of qatconv's benchmarks in one sitting, and the table for README.
+
+Runs, in this order, each interleaving its own contenders (A B A B ...) so that machine drift
+cancels within a comparison:
+
+1. fold     (bench/fold.py): `qatconv fold` vs cp, safetensors load+save, torch.ao
+            fuse_modules, torch.fx fuse on a generated 1 GiB checkpoint; wall and peak RSS.
+2. prepare  (bench/prepare.py): fine-tune steps/s vs a hand-written torch.ao QAT loop.
+3. startup  (bench/startup.py): `qatconv --help`, `qatconv inspect` of the 1 GiB file vs
+            `python -c "import torch"`.
+4. scaling  (bench/scaling.py): plain fold and prepare of models with 10, 100, 1,000 pairs.
+
+Writes bench/out/run.json (everything) and bench/out/run.md (the tables, with each goal and
+whether it was met). Run: python bench/run.py [--quick]   (--quick: 256 MiB, fewer repeats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+
+GOALS = {
+    "fold_wall_vs_load_save": 1.0,  # at most
+    "fold_rss_vs_file": 0.4,  # at most
+    "prepare_vs_hand_written": 1.0,  # at least
+    "startup_vs_import_torch": 0.25,  # at most
+}
+
+
+def run(script: str, *args: str) -> dict:
+    out = OUT / f"{Path(script).stem}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--json", str(out), *args]
+    print(f"$ {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
+    print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(res: dict) -> str:
+    lines = [f"Machine: {res['machine']}", ""]
+    fold = res["fold"]
+    lines += [f"### fold ({fold['checkpoint']['file_mib']:.0f} MiB checkpoint, "
+              f"{fold['checkpoint']['layers']} x Linear({fold['checkpoint']['hidden']}) + BN; "
+              f"medians of {fold['repeat']})", "",
+              "| tool | wall s (min-max) | vs load+save | peak RSS MiB | RSS / file |",
+              "|---|---:|---:|---:|---:|"]
+    for r in fold["rows"]:
+        walls = [s["wall_s"] for s in r["samples"]]
+        lines.append(f"| {r['tool']} | {r['wall_s']:.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
+                     f"{r['wall_vs_load_save']:.2f}x | {r['peak_rss_mib']:.0f} | "
+                     f"{r['rss_vs_file']:.2f}x |")
+    q = next(r for r in fold["rows"] if r["tool"] == res["fold_tool"])
+    lines += ["", f"Goal: `{res['fold_tool']}` wall <= {GOALS['fold_wall_vs_load_save']}x "
+              f"load+save: {q['wall_vs_load_save']:.2f}x, "
+              f"{verdict(q['wall_vs_load_save'] <= GOALS['fold_wall_vs_load_save'])}; "
+              f"peak RSS <= {GOALS['fold_rss_vs_file']}x file: {q['rss_vs_file']:.2f}x, "
+              f"{verdict(q['rss_vs_file'] <= GOALS['fold_rss_vs_file'])}.", ""]
+    prep = res["prepare"]
+    lines += [f"### prepare (fine-tune, digits MLP, {prep['steps']} steps, batch "
+              f"{prep['batch_size']})", "",
+              "| loop | steps/s median (min-max) | vs hand-written |", "|---|---:|---:|"]
+    for r in prep["rows"]:
+        lines.append(f"| {r['loop']} | {r['median']:.0f} ({min(r['steps_per_s']):.0f}-"
+                     f"{max(r['steps_per_s']):.0f}) | {r['ratio']:.2f}x |")
+    ratio = next(r["ratio"] for r in prep["rows"] if r["loop"].startswith("qatconv"))
+    lines += ["", f"Goal: >= {GOALS['prepare_vs_hand_written']}x the hand-written loop: "
+              f"{ratio:.2f}x, {verdict(ratio >= GOALS['prepare_vs_hand_written'])}.", ""]
+    lines += ["### start-up", "", "| command | median s (min-max) | vs import torch |",
+              "|---|---:|---:|"]
+    for r in res["startup"]:
+        lines.append(f"| {r['command']} | {r['median']:.3f} ({min(r['seconds']):.3f}-"
+                     f"{max(r['seconds']):.3f}) | {r['ratio_vs_import_torch']:.2f}x |")
+    worst = max(r["ratio_vs_import_torch"] for r in res["startup"] if "qatconv" in r["command"])
+    lines += ["", f"Goal: <= {GOALS['startup_vs_import_torch']}x importing torch: worst "
+              f"{worst:.2f}x, {verdict(worst <= GOALS['startup_vs_import_torch'])}.", ""]
+    sc = res["scaling"]
+    sizes = list(next(iter(sc.values()))["median_s"])
+    lines += ["### scaling (in-process; Linear(16, 16) + BN pairs)", "",
+              "| step | " + " | ".join(f"{n} pairs s (ms/pair)" for n in sizes)
+              + " | slope ms/pair |", "|---|" + "---:|" * (len(sizes) + 1)]
+    for step, r in sc.items():
+        cells = " | ".join(f"{r['median_s'][n]:.2f} ({r['per_pair_ms'][n]:.1f})" for n in sizes)
+        lines.append(f"| {step} | {cells} | {r['slope_ms_per_pair']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 MiB checkpoint, fewer repeats")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    size, rep = ("256", "2") if args.quick else ("1024", "3")
+    res: dict = {
+        "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python "
+                   f"{platform.python_version()}",
+        "fold_tool": "qatconv fold (CLI)",
+    }
+    res["fold"] = run("fold.py", "--size-mib", size, "--repeat", rep)
+    tools = [r["tool"] for r in res["fold"]["rows"]]
+    if res["fold_tool"] not in tools:  # older fold bench: the library call
+        res["fold_tool"] = next(t for t in tools if t.startswith("qatconv"))
+    res["prepare"] = run("prepare.py", "--repeat", rep)
+    res["startup"] = run("startup.py", "--repeat", "3" if args.quick else "5")
+    res["scaling"] = run("scaling.py", "--repeat", "1" if args.quick else "3")
+    (OUT / "run.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    md = report(res)
+    (OUT / "run.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
