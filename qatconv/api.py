@@ -804,7 +804,8 @@ def inspect_path(
     if model_cfg is None or model_cfg.spec is None:
         if data is not None:
             raise UsageError("--data needs --model", hint="the data is a sample for the pair rules")
-        return inspection.inspect_file(path)
+        trust = model_cfg is not None and model_cfg.trust_pickle
+        return inspection.inspect_file(path, trust_pickle=trust)
     from qatconv import checkpoint
 
     stage = checkpoint.read_metadata(path).get("stage") if _is_safetensors(path) else None

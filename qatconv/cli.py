@@ -132,7 +132,7 @@ def inspect(
     from qatconv import api
 
     out = Output(json_mode=json_, quiet=quiet)
-    cfg = _model_cfg(model, model_arg, None, trust_pickle) if model else None
+    cfg = _model_cfg(model, model_arg, None, trust_pickle) if model or trust_pickle else None
     ins = api.inspect_path(path, model_cfg=cfg, data=data, strict=strict,
                            target_column=target_column)
     for n in ins.notes:
@@ -161,10 +161,11 @@ def _print_inspection(out: Output, ins: Any) -> None:
     if ins.qatconv:
         meta = ins.qatconv
         t.add_row("qatconv stage", str(meta.get("stage")))
-        t.add_row("pairs", str(len(meta.get("pairs", []))))
+        pairs = meta.get("pairs")
+        t.add_row("pairs", str(len(pairs)) if isinstance(pairs, list) else "(unreadable)")
         if "backend" in meta:
             t.add_row("backend / bits", f"{meta.get('backend')} / {meta.get('weight_bits')}")
-        if meta.get("metrics"):
+        if isinstance(meta.get("metrics"), dict):
             t.add_row("metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in meta["metrics"].items()))
     out.table(t)

@@ -67,10 +67,14 @@ class Inspection:
     bn_health: list[BnHealth] = field(default_factory=list)
     scan: PairScan | None = None
     notes: list[str] = field(default_factory=list)
+    # With a model: every parameter/buffer holding NaN/inf, with its count. (Without one only
+    # the BatchNorm vectors are read, so that the time does not grow with the file's size.)
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
         out = [p for h in self.bn_health for p in h.problems()]
+        out += [f"{name}: {n} non-finite value(s)" for name, n in self.nonfinite.items()]
         if self.scan is not None:
             # A BatchNorm1d that no Linear feeds (an input BN, say) is not a pair left unfolded.
             out += [
@@ -102,6 +106,7 @@ class Inspection:
                 for h in self.bn_health
             ],
             "pairs": None,
+            "nonfinite": self.nonfinite,
             "notes": self.notes,
             "problems": self.problems,
         }
@@ -112,7 +117,8 @@ class Inspection:
 
 def inspect_file(path: Path, model: nn.Module | None = None, scan: PairScan | None = None,
                  notes: list[str] | None = None,
-                 tensors: Mapping[str, Any] | None = None) -> Inspection:
+                 tensors: Mapping[str, Any] | None = None,
+                 trust_pickle: bool = False) -> Inspection:
     """Describe the checkpoint at ``path``.
 
     Args:
@@ -131,11 +137,12 @@ def inspect_file(path: Path, model: nn.Module | None = None, scan: PairScan | No
     else:
         from qatconv.checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, trust_pickle=trust_pickle)
         ins = _from_tensors(path, loaded.tensors)
         ins.notes += loaded.notes
     if model is not None:
         ins.bn_health = _health_from_model(model)
+        ins.nonfinite = _nonfinite_tensors(model)
     ins.scan = scan
     ins.notes += notes or []
     return ins
@@ -154,12 +161,8 @@ def _safetensors_headers(path: Path) -> list[st_format.Header] | None:
                 f"{path} is a folder without exactly one *.safetensors.index.json or .safetensors"
             )
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path} is not a sharded-checkpoint index: {e}") from None
-        shards = sorted(set(weight_map.values()))
-        return [st_format.read_header(path.parent / s) for s in shards]
+        shards = sorted(set(st_format.read_index(path).values()))
+        return [st_format.read_header(s) for s in shards]
     if path.suffix == ".safetensors":
         return [st_format.read_header(path)]
     return None
@@ -195,7 +198,7 @@ def _parse_meta(path: Path, raw: str | None) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: the qatconv metadata is not valid JSON") from None
     return meta if isinstance(meta, dict) else None
 
@@ -268,6 +271,18 @@ def _health_from_model(model: nn.Module) -> list[BnHealth]:
 
             out.append(_health(name, arr(mod.weight), arr(mod.bias), arr(mod.running_mean),
                                arr(mod.running_var)))
+    return out
+
+
+def _nonfinite_tensors(model: nn.Module) -> dict[str, int]:
+    import torch
+
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                out[name] = n
     return out
 
 

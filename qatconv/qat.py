@@ -423,7 +423,7 @@ def finetune_(
         out = model(inputs[idx])
         loss = criterion(out, goal[idx])
         if not torch.isfinite(loss):
-            raise QatconvError(
+            raise BadInputError(
                 f"loss became {loss.item()} at step {step}",
                 hint="lower --lr, or check the data for extreme values",
             )
