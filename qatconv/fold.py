@@ -339,7 +339,6 @@ def _make_plan(
     plans = [_plan_pair(p, infos, load, emit_qparams) for p in pairs]
     by_weight = {pp.pair.weight_key: pp for pp in plans}
     outputs: list[_Out] = []
-    removed: list[str] = []
     for name, (dtype, shape) in infos.items():
         pp = by_weight.get(name)
         if pp is not None:
