@@ -82,7 +82,7 @@ save_file(fused.state_dict(), {dst!r}, metadata={{"format": "pt"}})
 """,
     "qatconv fold_file": """
 from pathlib import Path
-from qatconv.fold import FoldPair, fold_file
+from qatconv.folding import FoldPair, fold_file
 L = {layers}
 recs = [{{"linear": str(3 * i), "bn": str(3 * i + 1), "eps": 1e-5, "bias": True}} for i in range(L)]
 pairs = [FoldPair.from_float_record(r) for r in recs]
@@ -90,7 +90,7 @@ fold_file(Path({src!r}), Path({dst!r}), pairs, metadata={{}}, fsync={fsync})
 """,
     "qatconv fold_file (QAT layout, emit qparams)": """
 from pathlib import Path
-from qatconv.fold import FoldPair, fold_file
+from qatconv.folding import FoldPair, fold_file
 L = {layers}
 recs = [{{"linear": str(3 * i), "qat": str(3 * i), "eps": 1e-5, "bias": True}} for i in range(L)]
 pairs = [FoldPair.from_qat_record(r, quant_range=(-128, 127)) for r in recs]

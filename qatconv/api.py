@@ -6,7 +6,6 @@ fold, ...) are imported inside the functions so that importing this module stays
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -412,8 +411,7 @@ def fold(
     import shutil
 
     from qatconv import checkpoint
-
-    fold_mod = _fold_module()
+    from qatconv import folding as fold_mod
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
     notes: list[str] = []
@@ -437,7 +435,13 @@ def fold(
         skipped = list(meta.get("skipped") or [])
         if not records and not allow_no_pairs:
             raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
-        fpairs = [fold_mod.FoldPair.from_qat_record(r) for r in records]
+        qrange = (meta.get("quant_min"), meta.get("quant_max"))
+        fpairs = [
+            fold_mod.FoldPair.from_qat_record(
+                r, quant_range=qrange if None not in qrange else None  # type: ignore[arg-type]
+            )
+            for r in records
+        ]
         source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
         extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
                                            "scheme")}
@@ -552,9 +556,6 @@ def _check_tolerance(folded_path: Path) -> float:
     }
     return max((CHECK_TOLERANCE[d] for d in dtypes if d in CHECK_TOLERANCE), default=1e-4)
 
-
-def _fold_module() -> Any:
-    return importlib.import_module("qatconv.fold")
 
 
 # Default `fold --check` tolerances by the folded weights' dtype (atol = rtol): the folded

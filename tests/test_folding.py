@@ -22,10 +22,10 @@ from torch.ao.quantization import (
     get_default_qat_qconfig,
 )
 
-import qatconv.fold as fold_mod  # `from qatconv import fold` is the api function
+import qatconv.folding as fold_mod
 from qatconv import st_format
 from qatconv.errors import CheckpointError, OutputError, UsageError
-from qatconv.fold import FoldPair, fold_file, fold_state_dict, fold_weights
+from qatconv.folding import FoldPair, fold_file, fold_state_dict, fold_weights
 
 QCONFIG = get_default_qat_qconfig("x86")
 # torch's default (fused) weight fake quant gives channels whose scaled weights are all
