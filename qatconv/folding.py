@@ -953,3 +953,171 @@ def _field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
             hint="the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`",
         )
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm1d -> Linear: fold the BN into the Linear's input side (plain float fold only)
+# --------------------------------------------------------------------------------------------
+def fold_bn_into_linear_input(
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm1d that feeds a Linear into that Linear's weight and bias.
+
+    ``Linear(BN(x)) = W (s * (x - mean) + beta) + b = (W diag(s)) x + (b + W (beta - mean * s))``
+    with ``s = gamma * rsqrt(var + eps)``; so, in float64::
+
+        W' = W * s[None, :]
+        b' = b + W @ (beta - mean * s)
+
+    ``gamma`` / ``beta`` None mean an ``affine=False`` BN (1 and 0); ``b`` None means no Linear
+    bias (0; a bias is always returned). The weight comes back in ``w``'s dtype, the bias in
+    ``b``'s (``w``'s when ``b`` is None).
+
+    Raises:
+        CheckpointError: ``w`` not a 2-D float (out, in) weight, BN vectors not of the Linear's
+            ``in_features``, ``b`` not of its ``out_features``, ``var + eps <= 0``, or a result
+            that is not finite (in float64 or after the cast back).
+    """
+    out, n_in = _check_input_fold_shapes(w, b, mean, var, gamma, beta)
+    if not math.isfinite(eps):
+        raise CheckpointError(f"BatchNorm eps is {eps}")
+    var64 = var.to(torch.float64)
+    bad = int((var64 + eps <= 0).sum())
+    if bad:
+        raise CheckpointError(
+            f"running_var + eps <= 0 in {bad} of {n_in} BatchNorm channels",
+            hint="a variance must be positive: the BN statistics are corrupt",
+        )
+    s = _bn_scale(var, eps, gamma)
+    w64 = w.to(torch.float64)
+    beta64 = torch.zeros(n_in, dtype=torch.float64) if beta is None else beta.to(torch.float64)
+    shift = beta64 - mean.to(torch.float64) * s
+    b64 = torch.zeros(out, dtype=torch.float64) if b is None else b.to(torch.float64)
+    w_out = (w64 * s.unsqueeze(0)).to(w.dtype)
+    b_out = (b64 + w64 @ shift).to(b.dtype if b is not None else w.dtype)
+    for what, t in (("weight", w_out), ("bias", b_out)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(
+                f"{bad} values of the Linear's folded {what} are not finite in {t.dtype}",
+                hint="the BN statistics or the Linear hold NaN/inf, or gamma / sqrt(running_var "
+                "+ eps) is too large for the checkpoint's dtype",
+            )
+    return w_out, b_out
+
+
+def _check_input_fold_shapes(
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> tuple[int, int]:
+    if w.dim() != 2:
+        raise CheckpointError(f"a Linear weight must be 2-D (out, in); got shape {list(w.shape)}")
+    out, n_in = int(w.shape[0]), int(w.shape[1])
+    named = (("Linear weight", w), ("Linear bias", b), ("BatchNorm running_mean", mean),
+             ("BatchNorm running_var", var), ("BatchNorm weight (gamma)", gamma),
+             ("BatchNorm bias (beta)", beta))  # fmt: skip
+    for what, t in named:
+        if t is not None and not t.is_floating_point():
+            raise CheckpointError(f"{what} is {t.dtype}; folding needs floating-point tensors")
+    for what, t in named[2:]:
+        if t is not None and tuple(t.shape) != (n_in,):
+            raise CheckpointError(
+                f"{what} has shape {list(t.shape)}, but the Linear after it has "
+                f"in_features={n_in}: the BN's features must equal the Linear's in_features"
+            )
+    if b is not None and tuple(b.shape) != (out,):
+        raise CheckpointError(
+            f"Linear bias has shape {list(b.shape)}, but the weight has {out} output channels"
+        )
+    return out, n_in
+
+
+def fold_bn_before_linear_(
+    tensors: dict[str, torch.Tensor], records: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Fold BatchNorm1d -> Linear candidates into their Linears, in place on a float state dict.
+
+    Each record is ``{"bn": path, "linear": path, "eps": float}`` (other fields are ignored).
+    The BN's tensors are ``<bn>.weight`` / ``.bias`` (both absent for ``affine=False``),
+    ``.running_mean``, ``.running_var`` and ``.num_batches_tracked`` (optional); the Linear's
+    are ``<linear>.weight`` and ``.bias`` (created when absent, right after the weight). The
+    Linear's weight and bias are replaced (`fold_bn_into_linear_input`) and the BN's tensors
+    deleted. Every record is checked and computed before ``tensors`` is changed, so on error
+    it is left as it was.
+
+    Returns:
+        The removed tensor names, sorted.
+
+    Raises:
+        CheckpointError: a record lacks a field, a BN or Linear is in two records, a tensor
+            is missing (named) or does not fit (see `fold_bn_into_linear_input`).
+    """
+    results: list[tuple[str, str, torch.Tensor, torch.Tensor, list[str]]] = []
+    used: dict[str, str] = {}
+    for record in records:
+        bn = _field(record, "bn", str)
+        lin = _field(record, "linear", str)
+        eps = float(_field(record, "eps", (int, float)))
+        for path, role in ((bn, "BatchNorm"), (lin, "Linear")):
+            if path in used:
+                raise CheckpointError(
+                    f"module {path!r} appears in two BatchNorm -> Linear folds "
+                    f"(as {used[path]} and as {role})"
+                )
+            used[path] = role
+
+        def need(key: str, bn: str = bn, lin: str = lin) -> torch.Tensor:
+            if key not in tensors:
+                raise CheckpointError(
+                    f"BatchNorm {bn!r} -> Linear {lin!r}: tensor {key!r} is missing",
+                    hint="the fold records do not match this checkpoint: check --model",
+                )
+            return tensors[key]
+
+        w = need(f"{lin}.weight")
+        b = tensors.get(f"{lin}.bias")
+        mean, var = need(f"{bn}.running_mean"), need(f"{bn}.running_var")
+        gamma_key, beta_key = f"{bn}.weight", f"{bn}.bias"
+        affine = gamma_key in tensors or beta_key in tensors
+        gamma = need(gamma_key) if affine else None
+        beta = need(beta_key) if affine else None
+        try:
+            w_out, b_out = fold_bn_into_linear_input(w, b, mean, var, eps, gamma, beta)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"BatchNorm {bn!r} -> Linear {lin!r}: {e.message}", hint=e.hint
+            ) from None
+        bn_keys = [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var",
+                                         "num_batches_tracked")]  # fmt: skip
+        results.append((lin, bn, w_out, b_out, [k for k in bn_keys if k in tensors]))
+
+    removed: list[str] = []
+    created: dict[str, str] = {}  # weight key -> the bias key created for it
+    for lin, bn, w_out, b_out, bn_keys in results:
+        if f"{lin}.bias" not in tensors:
+            created[f"{lin}.weight"] = f"{lin}.bias"
+        tensors[f"{lin}.weight"] = w_out
+        tensors[f"{lin}.bias"] = b_out
+        for k in bn_keys:
+            del tensors[k]
+        removed.extend(bn_keys)
+        logger.debug("folded BatchNorm %s into the input of Linear %s", bn, lin)
+    if created:  # put each created bias right after its weight, where a state dict has it
+        items = [(k, t) for k, t in tensors.items() if k not in created.values()]
+        biases = {k: tensors[k] for k in created.values()}
+        tensors.clear()
+        for k, t in items:
+            tensors[k] = t
+            if k in created:
+                tensors[created[k]] = biases[created[k]]
+    return sorted(removed)
