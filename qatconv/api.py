@@ -54,6 +54,7 @@ class PrepareReport:
     metrics: dict[str, Any]
     seconds: float
     metadata: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,7 +162,8 @@ def _require_pairs(scan: PairScan, allow_no_pairs: bool) -> None:
     if scan.pairs or allow_no_pairs:
         return
     reasons = "; ".join(
-        f"{s.linear or '?'} -> {s.bn or '?'}: {s.code}" for s in scan.skipped[:5]
+        (f"{s.linear} -> {s.bn}: {s.code}" if s.linear else f"{s.bn}: {s.code}")
+        for s in scan.skipped[:5]
     ) or "the model has no Linear followed by BatchNorm1d"
     raise NoPairsError(
         f"no Linear+BatchNorm1d pair can fold ({reasons})",
@@ -235,9 +237,22 @@ def prepare(
     started = time.perf_counter()
     inputs_paths = [p for p in (model_cfg.weights, data) if p is not None]
     checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
+    if model_cfg.weights is not None and _is_safetensors(model_cfg.weights):
+        stage = checkpoint.read_metadata(model_cfg.weights).get("stage")
+        if stage in ("qat", "folded"):
+            raise BadInputError(
+                f"{model_cfg.weights} is already a {stage} checkpoint written by qatconv",
+                hint="fold it: qatconv fold QAT.safetensors -o OUT.safetensors"
+                if stage == "qat" else "prepare starts from the float checkpoint",
+            )
     loaded = load_model(model_cfg)
     for n in loaded.notes:
         note(n)
+    warnings_: list[str] = []
+    if model_cfg.weights is None and not loaded.tensors:
+        warnings_.append(
+            "no --weights: the model keeps the initialization its constructor gave it"
+        )
     dataset = data_mod.load_data(data, target_column=target_column)
     model = loaded.model
     # The checkpoint's own dtype (loading casts into the model's float32 parameters).
@@ -282,6 +297,13 @@ def prepare(
             bn_frozen_at=result.bn_frozen_at,
             observers_frozen_at=result.observers_frozen_at,
         )
+        # 100x: BN-statistics noise alone can lift a near-zero distillation loss a few-fold.
+        if metrics["loss_last10pct_mean"] > 100 * metrics["loss_first"]:
+            warnings_.append(
+                f"the fine-tune loss grew from {metrics['loss_first']:.3g} (step 1) to "
+                f"{metrics['loss_last10pct_mean']:.3g} (last 10% of steps): the run diverged; "
+                "lower --lr"
+            )
     state = {
         k: (v.to(orig_dtype) if v.is_floating_point() and ".weight_fake_quant." not in k else v)
         .detach()
@@ -304,6 +326,13 @@ def prepare(
         "mode": train.mode.value,
         "steps": train.steps if train.mode is Mode.finetune else 0,
         "loss": train.loss.value if train.mode is Mode.finetune else None,
+        "batch_size": train.batch_size,
+        "lr": train.lr if train.mode is Mode.finetune else None,
+        "optimizer": train.optimizer.value if train.mode is Mode.finetune else None,
+        "freeze_bn_after": train.bn_freeze_step if train.mode is Mode.finetune else None,
+        "freeze_observers_after": (
+            train.observer_freeze_step if train.mode is Mode.finetune else None
+        ),
         "recalibrate_bn": train.recalibrate_bn,
         "seed": train.seed,
         "data_sha256": dataset.sha256,
@@ -324,6 +353,7 @@ def prepare(
         metrics=metrics,
         seconds=time.perf_counter() - started,
         metadata=meta,
+        warnings=warnings_,
     )
 
 
@@ -412,6 +442,14 @@ def fold(
 
     from qatconv import checkpoint
     from qatconv import folding as fold_mod
+    if check is None and (atol is not None or rtol is not None or target_column is not None):
+        raise UsageError(
+            "--atol, --rtol and --target-column only apply to --check",
+            hint="add --check DATA to verify the folded model",
+        )
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
     notes: list[str] = []
@@ -445,8 +483,9 @@ def fold(
         source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
         extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
                                            "scheme")}
-        # Per pair: how its folded weight is quantized. The per-channel scales themselves are
-        # the QAT checkpoint's `<linear>.weight_fake_quant.scale` (or `--emit-qparams`).
+        # Per pair: how its folded weight is quantized, with the trained per-channel scales
+        # (exact float32 values; `--emit-qparams` also writes them as tensors).
+        scales = _qat_scales(qat_checkpoint, records)
         extra["qparams"] = {
             r["linear"]: {
                 "scheme": meta.get("scheme", "per_channel_symmetric"),
@@ -454,7 +493,8 @@ def fold(
                 "weight_bits": meta.get("weight_bits"),
                 "quant_min": meta.get("quant_min"),
                 "quant_max": meta.get("quant_max"),
-                "scale": f"{r['linear']}.weight_scale" if emit_qparams else None,
+                "scale_tensor": f"{r['linear']}.weight_scale" if emit_qparams else None,
+                "scale": scales.get(r["linear"]),
             }
             for r in records
         }
@@ -496,6 +536,7 @@ def fold(
         extra = {"unverified": unverified}
         state = loaded.tensors
     meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
+    old_shards = _shards_of_existing_index(out) if max_shard_size and force else []
     # With a check, write into a staging folder beside `out` and move into place only when
     # the check passes: a failed command leaves no output (and no replaced one).
     staging = out.parent / f".{out.name}.staging-{os.getpid()}" if check else None
@@ -530,6 +571,7 @@ def fold(
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
     index = [f for f in files if f.name.endswith(".index.json")]
+    _remove_stale_shards(old_shards, files)
     return FoldResult(
         output=index[0] if index else out,
         files=files,
@@ -542,6 +584,46 @@ def fold(
         seconds=time.perf_counter() - started,
         metadata={"qparams": report.qparams, "unverified": unverified},
     )
+
+
+def _shards_of_existing_index(out: Path) -> list[Path]:
+    """Shards named by the index that a sharded `--force` fold is about to replace."""
+    from qatconv import st_format
+
+    index = out if out.name.endswith(".index.json") else out.parent / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        return sorted(set(st_format.read_index(index).values()))
+    except BadInputError:
+        return []
+
+
+def _remove_stale_shards(old: Sequence[Path], written: Sequence[Path]) -> None:
+    keep = {Path(f).resolve() for f in written}
+    for shard in old:
+        if shard.resolve() not in keep:
+            shard.unlink(missing_ok=True)
+
+
+def _qat_scales(path: Path, records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each pair's per-channel weight scale from a QAT checkpoint, read without torch."""
+    import numpy as np
+
+    from qatconv import checkpoint, st_format
+
+    out: dict[str, list[float]] = {}
+    for f in checkpoint.checkpoint_files(path):
+        header = st_format.read_header(f)
+        with open(f, "rb") as fh:
+            for r in records:
+                name = f"{r['qat']}.weight_fake_quant.scale"
+                info = header.tensors.get(name)
+                if info is None or info.dtype != "F32":
+                    continue
+                raw = st_format.read_tensor_bytes(fh.fileno(), header, name)
+                out[r["linear"]] = [float(v) for v in np.frombuffer(raw, dtype="<f4")]
+    return out
 
 
 def _check_tolerance(folded_path: Path) -> float:
@@ -683,9 +765,14 @@ def verify(
     else:
         assert model_cfg is not None
         reference = load_model(model_cfg).model
-        spec_cfg = ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
+        spec_cfg = None
         ref_name = "float"
-    folded_model = load_model(spec_cfg).model
+    if spec_cfg is None:  # the float reference's own architecture (a pickled module too)
+        import copy
+
+        folded_model = copy.deepcopy(reference)
+    else:
+        folded_model = load_model(spec_cfg).model
     load_folded(folded_model, folded_path)
     dtype = _param_dtype(folded_model)
     reference.to(dtype).eval()
@@ -840,7 +927,7 @@ def check_inspection(ins: Inspection, strict: bool) -> None:
     if strict and ins.problems:
         raise CheckFailedError(
             f"{len(ins.problems)} problem(s): " + "; ".join(ins.problems[:3]),
-            hint="see the table above (or --json) for every problem",
+            hint="run without --quiet (or with --json) to see every problem",
         )
 
 

@@ -163,6 +163,8 @@ def _print_inspection(out: Output, ins: Any) -> None:
         t.add_row("qatconv stage", str(meta.get("stage")))
         pairs = meta.get("pairs")
         t.add_row("pairs", str(len(pairs)) if isinstance(pairs, list) else "(unreadable)")
+        if isinstance(meta.get("unverified"), list) and meta["unverified"]:
+            t.add_row("unverified folds", ", ".join(map(str, meta["unverified"])))
         if "backend" in meta:
             t.add_row("backend / bits", f"{meta.get('backend')} / {meta.get('weight_bits')}")
         if isinstance(meta.get("metrics"), dict):
@@ -240,8 +242,11 @@ def prepare(
                              target_column=target_column, force=force,
                              allow_no_pairs=allow_no_pairs, strict=strict, on_step=on_step,
                              on_note=out.note)
+    for w in report.warnings:
+        out.warn(w)
     out.result({
         "output": str(report.output),
+        "warnings": report.warnings,
         "pairs": report.pairs,
         "skipped": report.skipped,
         "metrics": report.metrics,
@@ -292,6 +297,9 @@ def fold(
     out = Output(json_mode=json_, quiet=quiet)
     cfg = _model_cfg(model, model_arg, weights, trust_pickle) if (model or weights) else None
     shard = api.parse_size(max_shard_size) if max_shard_size else None
+    if shard and not output.name.endswith(".index.json"):
+        out.note(f"--max-shard-size: writing model-0000k-of-0000N.safetensors and "
+                 f"model.safetensors.index.json into {output.parent}/")
     with _interruptible():
         result = api.fold(
             output, qat_checkpoint=qat_checkpoint, model_cfg=cfg, check=check, atol=atol,
@@ -336,7 +344,7 @@ def _report_fold(out: Output, result: Any) -> None:
 @app.command(epilog="Example:\n\n  qatconv demo --output-dir demo_out")
 def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the demo writes its files.")] = Path("qatconv-demo"),
-    force: Annotated[bool, typer.Option("--force", help="Replace files from an earlier demo run.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace files from an earlier demo run.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

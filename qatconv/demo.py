@@ -61,7 +61,7 @@ def _accuracy(model: Any, inputs: Any, targets: Any) -> float:
 def run(
     output_dir: Path,
     *,
-    force: bool = True,
+    force: bool = False,
     on_note: Callable[[str], None] | None = None,
     progress: Callable[[str, int], AbstractContextManager[Callable[..., None]]] | None = None,
 ) -> DemoResult:

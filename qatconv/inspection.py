@@ -75,6 +75,9 @@ class Inspection:
     def problems(self) -> list[str]:
         out = [p for h in self.bn_health for p in h.problems()]
         out += [f"{name}: {n} non-finite value(s)" for name, n in self.nonfinite.items()]
+        recorded = (self.qatconv or {}).get("unverified")
+        if isinstance(recorded, list):  # a fold whose feature axis was never proven
+            out += [f"unverified fold of {p} (folded without --check data)" for p in recorded]
         if self.scan is not None:
             # A BatchNorm1d that no Linear feeds (an input BN, say) is not a pair left unfolded.
             out += [

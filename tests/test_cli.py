@@ -393,3 +393,90 @@ def test_finetune_on_a_single_sample_is_refused(cli: Any, tmp_path: Path) -> Non
         signal.signal(signal.SIGALRM, old)
     assert_error_lines(r, 3)
     assert not out.exists()
+
+
+# ------------------------------------------------------- review findings (contract gaps)
+
+
+def test_folded_metadata_holds_the_trained_scales_exactly(
+    cli: Any, tmp_path: Path, qat_ckpt: Path
+) -> None:
+    out = tmp_path / "f.safetensors"
+    assert cli("fold", qat_ckpt, "-o", out, "--quiet").code == 0
+    from safetensors import safe_open
+
+    with safe_open(out, framework="pt") as f:
+        meta = json.loads(f.metadata()["qatconv"])
+    qat = load_file(qat_ckpt)
+    for lin in ("fc1", "fc2"):
+        recorded = torch.tensor(meta["qparams"][lin]["scale"], dtype=torch.float32)
+        assert torch.equal(recorded, qat[f"{lin}.weight_fake_quant.scale"]), lin
+        assert meta["qparams"][lin]["scheme"] == "per_channel_symmetric"
+
+
+def test_inspect_strict_fails_on_a_recorded_unverified_fold(cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "plain.safetensors"
+    assert cli("fold", "--model", SPEC, "--weights", WEIGHTS, "-o", out, "--quiet").code == 0
+    assert cli("inspect", out, "--quiet").code == 0
+    r = cli("inspect", out, "--strict", "--quiet")
+    assert_error_lines(r, 4)
+    assert "unverified" in r.err
+
+
+def test_pickled_module_stands_in_for_model_with_check(cli: Any, tmp_path: Path) -> None:
+    from sample_models.digits_mlp import DigitsMLP
+
+    model = DigitsMLP()
+    model.load_state_dict(load_file(WEIGHTS))
+    pickled = tmp_path / "whole.pt"
+    torch.save(model, pickled)
+    out = tmp_path / "f.safetensors"
+    r = cli("fold", "--weights", pickled, "--trust-pickle", "-o", out, "--check",
+            SAMPLES / "digits_heldout.npz", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["check"]["passed"] and r.json()["check"]["reference"] == "float"
+
+
+def test_check_only_flags_without_check_are_usage_errors(
+    cli: Any, tmp_path: Path, qat_ckpt: Path
+) -> None:
+    out = tmp_path / "f.safetensors"
+    assert_error_lines(cli("fold", qat_ckpt, "-o", out, "--atol", "1e-3"), 2)
+    assert_error_lines(cli("fold", qat_ckpt, "-o", out, "--check", CALIB, "--atol", "-1"), 2)
+    assert not out.exists()
+
+
+def test_prepare_refuses_a_qat_checkpoint_as_weights(
+    cli: Any, tmp_path: Path, qat_ckpt: Path
+) -> None:
+    r = cli("prepare", "--model", SPEC, "--weights", qat_ckpt, "--data", CALIB,
+            "-o", tmp_path / "q2.safetensors")
+    assert_error_lines(r, 3)
+    assert "already a qat checkpoint" in r.err.lower() and "qatconv fold" in r.err
+
+
+def test_prepare_warns_without_weights_and_on_a_diverged_finetune(
+    cli: Any, tmp_path: Path
+) -> None:
+    r = cli("prepare", "--model", SPEC, "--data", CALIB, "-o", tmp_path / "a.safetensors",
+            "--json")
+    assert r.code == 0 and any("no --weights" in w for w in r.json()["warnings"])
+    assert "warning: no --weights" in r.err
+    r = cli("prepare", "--model", SPEC, "--weights", WEIGHTS, "--data", CALIB, "-o",
+            tmp_path / "b.safetensors", "--mode", "finetune", "--steps", "20", "--lr", "1e6",
+            "--json")
+    assert r.code == 0 and any("diverged" in w for w in r.json()["warnings"]), r.err
+
+
+def test_sharded_force_refold_removes_the_old_shards(
+    cli: Any, tmp_path: Path, qat_ckpt: Path
+) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    assert cli("fold", qat_ckpt, "-o", index, "--max-shard-size", "20KB", "--quiet").code == 0
+    many = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(many) >= 3
+    assert cli("fold", qat_ckpt, "-o", index, "--max-shard-size", "1GB", "--force",
+               "--quiet").code == 0
+    assert [p.name for p in sorted(tmp_path.glob("model-*.safetensors"))] == [
+        "model-00001-of-00001.safetensors"
+    ]

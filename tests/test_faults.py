@@ -331,7 +331,8 @@ def test_weights_truncated_while_read(tmp_path: Path, cli: Any,
     weights.write_bytes(WEIGHTS.read_bytes())
     out = tmp_path / "out"
     out.mkdir()
-    _truncate_after_parse(monkeypatch, weights, 1)
+    # Parse 1 is prepare's look at the metadata (is this already a QAT file?); 2 is the load.
+    _truncate_after_parse(monkeypatch, weights, 2)
     assert_error(cli(*prepare_args(out / "q.safetensors", weights)), 3, "truncated or changed")
     assert files_in(out) == []
 
@@ -364,10 +365,14 @@ def test_weights_replaced_while_read_are_read_whole(
     assert cli(*prepare_args(baseline, weights)).code == 0
     real = st_format.parse_header
     swapped: list[bool] = []
+    parses: list[int] = []
 
     def parse(path: Path, raw: bytes, file_size: int) -> st_format.Header:
         header = real(path, raw, file_size)
-        if Path(path) == weights and not swapped:
+        if Path(path) == weights:
+            parses.append(1)
+        # Parse 1 is prepare's metadata peek; swap while the load (parse 2) reads the file.
+        if Path(path) == weights and len(parses) == 2 and not swapped:
             os.replace(tmp_path / "newer.safetensors", weights)
             swapped.append(True)
         return header
