@@ -418,6 +418,7 @@ def fold(
     allow_no_pairs: bool = False,
     strict: bool = False,
     target_column: str | None = None,
+    fold_bn_before_linear: bool = False,
     on_pair: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> FoldResult:
@@ -433,6 +434,8 @@ def fold(
             ``None`` picks them from the checkpoint dtype (`CHECK_TOLERANCE`).
         emit_qparams: write ``<linear>.weight_scale`` / ``weight_zero_point`` tensors.
         max_shard_size: bytes per output shard.
+        fold_bn_before_linear: plain fold only: also fold each BatchNorm1d that feeds a Linear
+            directly into that Linear's input side (W' = W diag(s), b' = b + W (beta - mean s)).
 
     Raises:
         CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4);
@@ -458,6 +461,11 @@ def fold(
     if qat_checkpoint is not None:
         if model_cfg is not None and model_cfg.weights is not None:
             raise UsageError("give either a QAT checkpoint or --weights, not both")
+        if fold_bn_before_linear:
+            raise UsageError(
+                "--fold-bn-before-linear is for the plain fold of a float checkpoint",
+                hint="qatconv fold --model SPEC --weights FLOAT_CKPT --fold-bn-before-linear",
+            )
         meta = checkpoint.read_metadata(qat_checkpoint)
         if meta.get("stage") != "qat":
             raise BadInputError(
@@ -525,16 +533,31 @@ def fold(
             _check_data_fits(loaded.model, inputs, check)
             sample = _sample(inputs)
         scan = scan_pairs(loaded.model, sample, strict=strict)
-        _require_pairs(scan, allow_no_pairs)
+        before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
+        _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
         records = [p.to_record() for p in scan.pairs]
         validate.check_model_state(loaded.model, records, model_cfg.weights)
         skipped = _skipped_json(scan)
         unverified = [p.linear for p in scan.unverified]
+        state = loaded.tensors
+        extra: dict[str, Any] = {"unverified": unverified}
+        if fold_bn_before_linear:
+            before = [
+                {"bn": c.bn, "linear": c.linear, "eps": loaded.model.get_submodule(c.bn).eps,
+                 "bias": loaded.model.get_submodule(c.linear).bias is not None}
+                for c in before_ok
+            ]
+            unverified += [c.linear for c in scan.bn_before_linear if not c.verified and not strict]
+            state = dict(state)  # the fold replaces entries; the loaded dict stays as read
+            fold_mod.fold_bn_before_linear_(state, before)
+            extra["bn_before_linear"] = before
+            # The input-side fold may have given a Linear its bias: the output-side fold must
+            # read it rather than create another.
+            records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state}
+                       for r in records]
         fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
         source, stage_from = model_cfg.weights, "float"
         model_meta = _model_meta(loaded)
-        extra = {"unverified": unverified}
-        state = loaded.tensors
     meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
     old_shards = _shards_of_existing_index(out) if max_shard_size and force else []
     # With a check, write into a staging folder beside `out` and move into place only when
@@ -582,7 +605,8 @@ def fold(
         source_stage=stage_from,
         check=check_result,
         seconds=time.perf_counter() - started,
-        metadata={"qparams": report.qparams, "unverified": unverified},
+        metadata={"qparams": report.qparams, "unverified": unverified,
+                  "bn_before_linear": extra.get("bn_before_linear", [])},
     )
 
 
@@ -669,8 +693,12 @@ def _folded_meta(
         "source_stage": source,
         "model": model_meta,
         "pairs": list(records),
-        "removed_bn": [r["bn"] for r in records],
-        "bias_added": [r["linear"] for r in records if not r.get("bias", True)],
+        "removed_bn": [r["bn"] for r in records]
+        + [r["bn"] for r in extra.get("bn_before_linear", [])],
+        "bias_added": sorted(
+            {r["linear"] for r in records if not r.get("bias", True)}
+            | {r["linear"] for r in extra.get("bn_before_linear", []) if not r["bias"]}
+        ),
         "skipped": list(skipped),
         "torch_version": torch.__version__,
         "qatconv_version": __version__,
@@ -847,7 +875,7 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
             hint="fold it first: qatconv fold QAT.safetensors -o OUT.safetensors",
         )
     validate.check_pairs_fit_model(model, validate.qat_records(meta, path), path)
-    for record in meta.get("pairs", []):
+    for record in [*meta.get("pairs", []), *meta.get("bn_before_linear", [])]:
         _set_submodule(model, record["bn"], nn.Identity())
         linear = model.get_submodule(record["linear"])
         if linear.bias is None:

@@ -283,6 +283,7 @@ def fold(
     emit_qparams: Annotated[bool, typer.Option("--emit-qparams", help="Also write <linear>.weight_scale / .weight_zero_point tensors.")] = False,
     max_shard_size: Annotated[str | None, typer.Option(help="Split the output into shards of at most this size, e.g. 2GB.")] = None,
     target_column: TargetColOpt = None,
+    fold_bn_before_linear: Annotated[bool, typer.Option("--fold-bn-before-linear", help="Plain fold: also fold a BatchNorm1d that feeds a Linear directly into that Linear's input side.")] = False,
     strict: StrictPairsOpt = False,
     allow_no_pairs: AllowNoPairsOpt = False,
     force: ForceOpt = False,
@@ -305,7 +306,7 @@ def fold(
             output, qat_checkpoint=qat_checkpoint, model_cfg=cfg, check=check, atol=atol,
             rtol=rtol, emit_qparams=emit_qparams, max_shard_size=shard, force=force,
             allow_no_pairs=allow_no_pairs, strict=strict, target_column=target_column,
-            on_note=out.note,
+            fold_bn_before_linear=fold_bn_before_linear, on_note=out.note,
         )
     _report_fold(out, result)
 
@@ -330,6 +331,8 @@ def _report_fold(out: Output, result: Any) -> None:
     out.result(obj)
     if out.human:
         out.table(_pair_table(result.pairs, result.skipped, unverified))
+        for r in result.metadata.get("bn_before_linear", []):
+            out.note(f"folded BatchNorm1d {r['bn']} into the input side of {r['linear']}")
         if result.check:
             c = result.check
             out.note(f"check vs {c.reference} model on {c.samples} samples: max abs error "

@@ -480,3 +480,67 @@ def test_sharded_force_refold_removes_the_old_shards(
     assert [p.name for p in sorted(tmp_path.glob("model-*.safetensors"))] == [
         "model-00001-of-00001.safetensors"
     ]
+
+
+CHAIN_MODEL = '''
+import torch
+from torch import nn
+
+
+class Chain(nn.Module):
+    """BN -> Linear (no bias) -> BN -> ReLU -> Linear: one input-side and one output-side fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 5, bias=False)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn1(self.fc(self.bn0(x)))))
+'''
+
+
+def test_fold_bn_before_linear_matches_the_float_model(cli: Any, tmp_path: Path) -> None:
+    (tmp_path / "chain.py").write_text(CHAIN_MODEL)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chain_ref", tmp_path / "chain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(3)
+    model = mod.Chain().eval()
+    with torch.no_grad():
+        for bn in (model.bn0, model.bn1):
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.3)
+    save_file(model.state_dict(), tmp_path / "chain.safetensors")
+    x = torch.randn(32, 6, generator=g)
+    np.savez(tmp_path / "x.npz", inputs=x.numpy())
+    out = tmp_path / "f.safetensors"
+    r = cli("fold", "--model", f"{tmp_path / 'chain.py'}:Chain", "--weights",
+            tmp_path / "chain.safetensors", "-o", out, "--fold-bn-before-linear",
+            "--check", tmp_path / "x.npz", "--json")
+    assert r.code == 0, r.err
+    assert [b["bn"] for b in r.json()["pairs"]] == ["bn1"]
+    folded = load_file(out)
+    assert not any(k.startswith(("bn0.", "bn1.")) for k in folded)
+    # Independent reference: the unfused model in float64 vs the folded Linears by hand.
+    ref = mod.Chain().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x64 = x.double()
+    h = torch.relu(x64 @ folded["fc.weight"].double().T + folded["fc.bias"].double())
+    got = h @ folded["head.weight"].double().T + folded["head.bias"].double()
+    with torch.no_grad():
+        want = ref(x64)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_fold_bn_before_linear_is_for_the_plain_fold(
+    cli: Any, tmp_path: Path, qat_ckpt: Path
+) -> None:
+    r = cli("fold", qat_ckpt, "-o", tmp_path / "f.safetensors", "--fold-bn-before-linear")
+    assert_error_lines(r, 2)
