@@ -16,6 +16,8 @@ is that child's `ru_maxrss` (os.wait4), its wall time includes interpreter start
 - qatconv fold_file, float layout (FoldPair.from_float_record), fsync on (the default).
 - qatconv fold_file, same with fsync=False (what the other tools do).
 - qatconv fold_file, QAT layout (FoldPair.from_qat_record, --emit-qparams).
+- qatconv fold (CLI): the real command, `qatconv fold QAT.safetensors -o OUT`, on the QAT-layout
+  file (model-free; reads the pairs from the file's qatconv metadata).
 - python -c "import torch": the floor every torch-based tool pays.
 
 Rounds are interleaved (all tools in a shuffled order, then again, ...) after --warmup untimed
@@ -98,6 +100,7 @@ fold_file(Path({qat_src!r}), Path({dst!r}), pairs, metadata={{}}, emit_qparams=T
 """,
 }
 NO_FSYNC = "qatconv fold_file, fsync=False"
+CLI = "qatconv fold (CLI)"
 BASELINE = "safetensors load_file + save_file"
 
 
@@ -105,7 +108,7 @@ def generate(size_mib: int, seed: int) -> tuple[Path, Path, int]:
     """Write (or reuse) the float and QAT-layout checkpoints; return their paths and H."""
     hidden = int(math.sqrt(size_mib * 2**20 / (4 * LAYERS)))
     float_path = WORK / f"fold-float-{LAYERS}x{hidden}-s{seed}.safetensors"
-    qat_path = WORK / f"fold-qat-{LAYERS}x{hidden}-s{seed}.safetensors"
+    qat_path = WORK / f"fold-qat-{LAYERS}x{hidden}-s{seed}-meta.safetensors"
     if float_path.exists() and qat_path.exists():
         return float_path, qat_path, hidden
     import torch
@@ -143,7 +146,14 @@ def generate(size_mib: int, seed: int) -> tuple[Path, Path, int]:
         qat_sd[f"{fq}.activation_post_process.min_val"] = -amax.float()
         qat_sd[f"{fq}.activation_post_process.max_val"] = amax.float()
     save_file(float_sd, float_path, metadata={"format": "pt"})
-    save_file(qat_sd, qat_path, metadata={"format": "pt"})
+    # qatconv's metadata, so that the real `qatconv fold QAT -o OUT` command runs on it.
+    records = [{"linear": str(3 * i), "bn": str(3 * i + 1), "qat": str(3 * i), "eps": 1e-5,
+                "momentum": 0.1, "in_features": hidden, "out_features": hidden, "bias": True,
+                "affine": True} for i in range(LAYERS)]  # fmt: skip
+    meta = {"format_version": 1, "stage": "qat", "pairs": records, "backend": "x86",
+            "weight_bits": 8, "quant_min": -128, "quant_max": 127,
+            "scheme": "per_channel_symmetric", "model": {"spec": None, "args": {}}}  # fmt: skip
+    save_file(qat_sd, qat_path, metadata={"format": "pt", "qatconv": json.dumps(meta)})
     return float_path, qat_path, hidden
 
 
@@ -176,6 +186,7 @@ def commands(src: Path, qat_src: Path, hidden: int, dst: Path) -> dict[str, list
     fmt = {"src": str(src), "qat_src": str(qat_src), "dst": str(dst), "layers": LAYERS,
            "hidden": hidden, "fsync": True}  # fmt: skip
     cmds = {"cp": ["cp", str(src), str(dst)]}
+    cmds[CLI] = [sys.executable, "-m", "qatconv", "fold", str(qat_src), "-o", str(dst), "--quiet"]
     for name, code in SCRIPTS.items():
         cmds[name] = [sys.executable, "-c", code.format(**fmt)]
     cmds[NO_FSYNC] = [
