@@ -135,6 +135,20 @@ def _sample(inputs: torch.Tensor, n: int = 8) -> tuple[torch.Tensor, ...]:
     return (inputs[: max(2, min(n, len(inputs)))],)
 
 
+def _sample_from_data(
+    model: nn.Module, data: Path | None, target_column: str | None
+) -> tuple[torch.Tensor, ...] | None:
+    """A few rows of ``data`` (checked to run through ``model``) for the pair rules' axis check."""
+    if data is None:
+        return None
+    from qatconv import data as data_mod
+
+    inputs = data_mod.load_data(data, target_column=target_column).inputs
+    inputs = inputs.to(_param_dtype(model))
+    _check_data_fits(model, inputs, data)
+    return _sample(inputs)
+
+
 def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> None:
     import torch
 
@@ -524,14 +538,7 @@ def fold(
         notes += loaded.notes
         for n in loaded.notes:
             note(n)
-        sample = None
-        if check is not None:
-            from qatconv import data as data_mod
-
-            ds = data_mod.load_data(check, target_column=target_column)
-            inputs = ds.inputs.to(_param_dtype(loaded.model))
-            _check_data_fits(loaded.model, inputs, check)
-            sample = _sample(inputs)
+        sample = _sample_from_data(loaded.model, check, target_column)
         scan = scan_pairs(loaded.model, sample, strict=strict)
         before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
         _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
@@ -932,14 +939,7 @@ def inspect_path(
         model = load_folded(load_model(ModelConfig(model_cfg.spec, model_cfg.args)).model, path)
         return inspection.inspect_file(path, model=model)
     loaded = load_model(ModelConfig(model_cfg.spec, model_cfg.args, path, model_cfg.trust_pickle))
-    sample = None
-    if data is not None:
-        from qatconv import data as data_mod
-
-        ds = data_mod.load_data(data, target_column=target_column)
-        inputs = ds.inputs.to(_param_dtype(loaded.model))
-        _check_data_fits(loaded.model, inputs, data)
-        sample = _sample(inputs)
+    sample = _sample_from_data(loaded.model, data, target_column)
     scan = scan_pairs(loaded.model, sample, strict=strict)
     return inspection.inspect_file(
         path, model=loaded.model, scan=scan, notes=loaded.notes, tensors=loaded.tensors

@@ -122,7 +122,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     if path.is_dir():
         path = _pick_from_folder(path)
     if path.name.lower().endswith(INDEX_SUFFIX):
-        _, weight_map = _read_index(path)
+        _, weight_map = st_format.read_index_full(path)
         return [path, *(path.parent / f for f in sorted(set(weight_map.values())))]
     return [path]
 
@@ -187,39 +187,8 @@ def _load_safetensors(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(tensors, dict(header.metadata), [], None, "safetensors", [path])
 
 
-def _read_index(index: Path) -> tuple[dict[str, object], dict[str, str]]:
-    try:
-        obj = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {index}: {e.strerror or e}") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, digit limits, deep nesting
-        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
-        raise CheckpointError(
-            f"{index} is not valid JSON ({why})", hint="re-export the sharded checkpoint"
-        ) from None
-    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(
-            f"{index} has no valid 'weight_map' (tensor name -> shard file name)",
-            hint="a Hugging Face index looks like "
-            '{"metadata": {...}, "weight_map": {"layer.weight": "model-00001-of-00002.safetensors"}}',
-        )
-    for shard in set(weight_map.values()):
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            raise CheckpointError(
-                f"{index}: shard {shard!r} is not a file name in the index's folder",
-                hint="weight_map values must be plain file names beside the index",
-            )
-    metadata = obj.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{index}: 'metadata' is not a JSON object")
-    return metadata, weight_map
-
-
 def _load_sharded(index: Path) -> LoadedCheckpoint:
-    index_metadata, weight_map = _read_index(index)
+    index_metadata, weight_map = st_format.read_index_full(index)
     if not weight_map:
         raise _empty(index)
     by_shard: dict[str, list[str]] = {}
@@ -695,7 +664,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         path = _pick_from_folder(path)
     raw: object = None
     if path.name.lower().endswith(INDEX_SUFFIX):
-        index_metadata, weight_map = _read_index(path)
+        index_metadata, weight_map = st_format.read_index_full(path)
         raw = index_metadata.get(METADATA_KEY)
         if isinstance(raw, dict):
             return raw

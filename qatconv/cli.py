@@ -206,7 +206,7 @@ def prepare(
     mode: Annotated[Mode, typer.Option(help="calibrate: observers only, no gradient steps; finetune: QAT training.")] = Mode.calibrate,
     steps: Annotated[int, typer.Option(help="Fine-tune steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Samples per step (and per calibration batch).")] = 64,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam; small: the model is already trained).")] = 3e-4,
     loss: Annotated[Loss, typer.Option(help="distill: match the float model's outputs (no labels needed); mse / cross-entropy use the data's targets.")] = Loss.distill,
     optimizer: Annotated[Optimizer, typer.Option(help="Fine-tune optimizer.")] = Optimizer.adam,
     freeze_bn_after: Annotated[int | None, typer.Option(help="Freeze BN running stats from this step on [default: steps/2].")] = None,

@@ -77,7 +77,7 @@ class TrainConfig:
     mode: Mode = Mode.calibrate
     steps: int = 300
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4
     loss: Loss = Loss.distill
     optimizer: Optimizer = Optimizer.adam
     freeze_bn_after: int | None = None

@@ -251,6 +251,19 @@ def read_index(path: Path) -> dict[str, Path]:
     Raises:
         CheckpointError: the file is missing, not JSON, or has no ``weight_map`` of strings.
     """
+    _, weight_map = read_index_full(path)
+    return {name: Path(path).parent / shard for name, shard in weight_map.items()}
+
+
+def read_index_full(path: Path) -> tuple[dict[str, object], dict[str, str]]:
+    """An index's ``metadata`` object and its ``weight_map`` (tensor name -> shard file name).
+
+    Shard names must be plain file names beside the index (no path traversal).
+
+    Raises:
+        CheckpointError: unreadable, not JSON (or nested too deeply), no ``weight_map`` of
+            strings, a shard outside the index's folder, or ``metadata`` not an object.
+    """
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -270,14 +283,17 @@ def read_index(path: Path) -> dict[str, Path]:
             hint="a sharded checkpoint index looks like "
             '{"metadata": {...}, "weight_map": {"name": "model-00001-of-00002.safetensors"}}',
         )
-    out: dict[str, Path] = {}
     for name, shard in weight_map.items():
-        if Path(shard).name != shard:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(
-                f"{path}: shard {shard!r} of tensor {name!r} is not a file name in the index's folder"
+                f"{path}: shard {shard!r} of tensor {name!r} is not a file name in the index's "
+                "folder",
+                hint="weight_map values must be plain file names beside the index",
             )
-        out[name] = path.parent / shard
-    return out
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: 'metadata' is not a JSON object")
+    return metadata, weight_map
 
 
 def canonical_order(

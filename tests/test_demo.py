@@ -50,9 +50,10 @@ def test_demo_json_has_the_contract_keys(demo: dict[str, Any]) -> None:
         accs = obj[key]
         assert "8" in accs and all(k.isdigit() and 2 <= int(k) <= 8 for k in accs), accs
         assert all(0.0 <= v <= 1.0 for v in accs.values())
-    low = [k for k in obj["qat_accuracy"] if k != "8"]
-    assert len(low) == 1, obj["qat_accuracy"]  # one low width
-    assert low[0] in obj["ptq_accuracy"]
+    # 8 bits, 4 bits, and the widest low width where PTQ loses >= 2 points (its "low_bits").
+    low = obj["low_bits"]
+    assert {"8", "4", str(low)} == set(obj["qat_accuracy"]), obj["qat_accuracy"]
+    assert str(low) in obj["ptq_accuracy"]
     assert all(isinstance(v, (int, float)) and v >= 0 for v in obj["seconds"].values())
     assert obj["seconds"]
 
@@ -62,7 +63,7 @@ def test_demo_accuracies(demo: dict[str, Any]) -> None:
     float_acc = _float_heldout_accuracy()
     assert obj["float_accuracy"] == pytest.approx(float_acc, abs=1e-12)
     assert abs(obj["qat_accuracy"]["8"] - float_acc) <= 0.003
-    (low,) = (k for k in obj["qat_accuracy"] if k != "8")
+    low = str(obj["low_bits"])
     ptq_loss = float_acc - obj["ptq_accuracy"][low]
     assert ptq_loss > 0, "the low width must lose accuracy under PTQ"
     recovered = obj["qat_accuracy"][low] - obj["ptq_accuracy"][low]
