@@ -1,20 +1,20 @@
 """Checkpoint file (and optionally its model) -> `Inspection`. Never prints.
 
-For `.safetensors` files only the header and the small BatchNorm tensors are read, with numpy:
+For `.safetensors` files only the header and the small BatchNorm tensors are read (struct):
 torch is not imported, and the time does not grow with the file's size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from qatconv import st_format
 from qatconv.errors import CheckpointError
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 TINY_VAR = 1e-8
 
-_NP_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+# struct codes of the float dtypes a BatchNorm vector may have (BF16 is widened by hand).
+_STRUCT = {"F16": "e", "F32": "f", "F64": "d"}
+Vector = list[float]
 
 
 @dataclass
@@ -206,19 +208,18 @@ def _parse_meta(path: Path, raw: str | None) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _read_np(header: st_format.Header, name: str) -> np.ndarray | None:
+def _read_vector(header: st_format.Header, name: str) -> Vector | None:
     info = header.tensors[name]
     if info.nbytes > 64 * 2**20:  # BN vectors are small; skip anything else
         return None
     with open(header.path, "rb") as f:
         raw = os.pread(f.fileno(), info.nbytes, header.data_start + info.begin)
-    if info.dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64)
-    np_dtype = _NP_DTYPES.get(info.dtype)
-    if np_dtype is None:
-        return None
-    return np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np.float64)
+    n = info.numel
+    if info.dtype == "BF16":  # the top 16 bits of a float32
+        halves = struct.unpack(f"<{n}H", raw)
+        return list(struct.unpack(f"<{n}f", struct.pack(f"<{n}I", *(h << 16 for h in halves))))
+    code = _STRUCT.get(info.dtype)
+    return None if code is None else list(struct.unpack(f"<{n}{code}", raw))
 
 
 def _health_from_headers(headers: list[st_format.Header]) -> list[BnHealth]:
@@ -229,9 +230,9 @@ def _health_from_headers(headers: list[st_format.Header]) -> list[BnHealth]:
             continue
         prefix = name[: -len("running_var")]
 
-        def read(key: str, _p: str = prefix) -> np.ndarray | None:
+        def read(key: str, _p: str = prefix) -> Vector | None:
             k = _p + key
-            return _read_np(where[k], k) if k in where else None
+            return _read_vector(where[k], k) if k in where else None
 
         out.append(
             _health(prefix[:-1], read("weight"), read("bias"), read("running_mean"), read("running_var"))
@@ -253,9 +254,9 @@ def _from_tensors(path: Path, tensors: Mapping[str, Any]) -> Inspection:
         if name.endswith(".running_var"):
             p = name[: -len("running_var")]
 
-            def get(key: str, _p: str = p) -> np.ndarray | None:
+            def get(key: str, _p: str = p) -> Vector | None:
                 t = tensors.get(_p + key)
-                return None if t is None else t.detach().double().cpu().numpy()
+                return None if t is None else t.detach().double().cpu().flatten().tolist()
 
             health.append(_health(p[:-1], get("weight"), get("bias"), get("running_mean"),
                                   get("running_var")))
@@ -269,8 +270,8 @@ def _health_from_model(model: nn.Module) -> list[BnHealth]:
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
-            def arr(t: Any) -> np.ndarray | None:
-                return None if t is None else t.detach().double().cpu().numpy()
+            def arr(t: Any) -> Vector | None:
+                return None if t is None else t.detach().double().cpu().flatten().tolist()
 
             out.append(_health(name, arr(mod.weight), arr(mod.bias), arr(mod.running_mean),
                                arr(mod.running_var)))
@@ -289,14 +290,14 @@ def _nonfinite_tensors(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def _health(bn: str, gamma: np.ndarray | None, beta: np.ndarray | None,
-            mean: np.ndarray | None, var: np.ndarray | None) -> BnHealth:
+def _health(bn: str, gamma: Vector | None, beta: Vector | None,
+            mean: Vector | None, var: Vector | None) -> BnHealth:
     channels = len(var) if var is not None else 0
     h = BnHealth(bn, channels)
     arrays = [a for a in (gamma, beta, mean, var) if a is not None]
-    h.nonfinite = int(sum((~np.isfinite(a)).sum() for a in arrays))
+    h.nonfinite = sum(not math.isfinite(v) for a in arrays for v in a)
     if gamma is not None:
-        h.zero_gamma = int((gamma == 0).sum())
+        h.zero_gamma = sum(v == 0 for v in gamma)
     if var is not None:
-        h.tiny_var = int((var <= TINY_VAR).sum())
+        h.tiny_var = sum(v <= TINY_VAR for v in var)
     return h
