@@ -10,10 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
 class Output:
@@ -22,8 +23,17 @@ class Output:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self._err: Console | None = None
         self.is_tty = sys.stderr.isatty()
+
+    @property
+    def err(self) -> Console:
+        """The stderr console, made on first use: `--json` runs never import rich."""
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err
 
     @property
     def human(self) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv import __version__, validate
+from qatconv import __version__
 from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
 from qatconv.errors import BadInputError, CheckFailedError, DataError, NoPairsError, UsageError
 
@@ -242,7 +242,7 @@ def prepare(
     """
     import torch
 
-    from qatconv import checkpoint, qat
+    from qatconv import checkpoint, qat, validate
     from qatconv import data as data_mod
 
     train = train or TrainConfig()
@@ -376,7 +376,7 @@ def prepare(
 
 def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.Module:
     """The QAT model described by a QAT checkpoint's metadata (tensors not loaded)."""
-    from qatconv import qat
+    from qatconv import qat, validate
     from qatconv.config import Backend
 
     cfg = _model_cfg_from_meta(meta, model_cfg)
@@ -457,7 +457,7 @@ def fold(
     """
     import shutil
 
-    from qatconv import checkpoint
+    from qatconv import checkpoint, validate
     from qatconv import folding as fold_mod
     if check is None and (atol is not None or rtol is not None or target_column is not None):
         raise UsageError(
@@ -871,7 +871,7 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
     import torch
     from torch import nn
 
-    from qatconv import checkpoint
+    from qatconv import checkpoint, validate
     from qatconv.qat import _set_submodule
 
     path = Path(path)
