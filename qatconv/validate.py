@@ -222,11 +222,17 @@ def _is_number(v: object) -> bool:
 # ------------------------------------------------------------------------------- QAT tensors
 
 
-def check_qat_tensors(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+def check_qat_tensors(
+    path: Path, records: Sequence[Mapping[str, Any]], *, skip: frozenset[str] = frozenset()
+) -> None:
     """Refuse a QAT checkpoint with NaN/inf weights or a paired running_var <= 0.
 
     Reads with pread a block at a time, without torch: memory stays flat. Fake-quant state is
     not scanned (an observer that never ran holds +-inf bounds; fold checks the scale itself).
+
+    Args:
+        skip: tensors the caller checks itself (the fold checks every folded weight's values
+            as it streams them, so a second full read is not needed).
 
     Raises:
         CheckpointError: the first problem found, naming the tensor and the channels.
@@ -242,7 +248,8 @@ def check_qat_tensors(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
         try:
             for name in sorted(header.tensors):
                 info = header.tensors[name]
-                if info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name:
+                if (info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name
+                        or name in skip):
                     continue
                 rows = info.shape[0] if info.shape else 1
                 bad_rows = _scan_nonfinite(fd, header, name)
