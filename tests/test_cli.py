@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qatconv import __version__
-from qatconv.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -42,29 +41,7 @@ class NoBN(nn.Module):
 '''
 
 
-class Run:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-    def json(self) -> dict[str, Any]:
-        obj = json.loads(self.out)  # raises on any text around the one object
-        assert isinstance(obj, dict)
-        return obj
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Any:
-    def run(*args: object) -> Run:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        cap = capsys.readouterr()
-        return Run(code, cap.out, cap.err)
-
-    return run
+from conftest import Run
 
 
 def assert_error_lines(r: Run, code: int) -> None:

@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from qatconv import api, st_format
 from qatconv import checkpoint as ck
-from qatconv.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -35,24 +34,7 @@ CALIB = SAMPLES / "digits_calib.npz"
 TRAIN = SAMPLES / "digits_train.npz"
 
 
-class Run:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Any:
-    def run(*args: object) -> Run:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        cap = capsys.readouterr()
-        return Run(code, cap.out, cap.err)
-
-    return run
+from conftest import Run
 
 
 def assert_error(r: Run, code: int, expect: str = "") -> None:

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qatconv import api, validate
-from qatconv.cli import main
 from qatconv.errors import CheckpointError, ModelSpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,24 +49,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mc.make_corpus(tmp_path_factory.mktemp("bad_inputs"))
 
 
-class Run:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Any:
-    def run(*args: object) -> Run:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        cap = capsys.readouterr()
-        return Run(code, cap.out, cap.err)
-
-    return run
+from conftest import Run
 
 
 def assert_clean_error(r: Run, code: int, expect: str = "") -> str:
