@@ -457,8 +457,8 @@ def fold(
     """
     import shutil
 
-    from qatconv import checkpoint, validate
     from qatconv import folding as fold_mod
+
     if check is None and (atol is not None or rtol is not None or target_column is not None):
         raise UsageError(
             "--atol, --rtol and --target-column only apply to --check",
@@ -469,105 +469,19 @@ def fold(
             raise UsageError(f"{flag} must be >= 0, got {value}")
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
-    notes: list[str] = []
-    unverified: list[str] = []
-    state: dict[str, torch.Tensor] | None = None
     if qat_checkpoint is not None:
-        if model_cfg is not None and model_cfg.weights is not None:
-            raise UsageError("give either a QAT checkpoint or --weights, not both")
-        if fold_bn_before_linear:
-            raise UsageError(
-                "--fold-bn-before-linear is for the plain fold of a float checkpoint",
-                hint="qatconv fold --model SPEC --weights FLOAT_CKPT --fold-bn-before-linear",
-            )
-        meta = checkpoint.read_metadata(qat_checkpoint)
-        if meta.get("stage") != "qat":
-            raise BadInputError(
-                f"{qat_checkpoint} is not a QAT checkpoint written by `qatconv prepare` "
-                f"(stage: {meta.get('stage', 'none')})",
-                hint="for a float checkpoint use: qatconv fold --model SPEC --weights CKPT -o OUT",
-            )
-        checkpoint.check_output_path(
-            out, force=force, inputs=[qat_checkpoint] + ([check] if check else [])
+        plan = _plan_qat_fold(
+            qat_checkpoint, out, model_cfg, check, force=force, allow_no_pairs=allow_no_pairs,
+            emit_qparams=emit_qparams, fold_bn_before_linear=fold_bn_before_linear,
         )
-        records = validate.qat_records(meta, qat_checkpoint)
-        # Pair weights are checked by the fold itself as it streams them (one read, not two).
-        validate.check_qat_tensors(
-            qat_checkpoint, records, skip=frozenset(f"{r['qat']}.weight" for r in records)
-        )
-        skipped = list(meta.get("skipped") or [])
-        if not records and not allow_no_pairs:
-            raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
-        qrange = (meta.get("quant_min"), meta.get("quant_max"))
-        fpairs = [
-            fold_mod.FoldPair.from_qat_record(
-                r, quant_range=qrange if None not in qrange else None  # type: ignore[arg-type]
-            )
-            for r in records
-        ]
-        source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
-        extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
-                                           "scheme")}
-        # Per pair: how its folded weight is quantized, with the trained per-channel scales
-        # (exact float32 values; `--emit-qparams` also writes them as tensors).
-        scales = _qat_scales(qat_checkpoint, records)
-        extra["qparams"] = {
-            r["linear"]: {
-                "scheme": meta.get("scheme", "per_channel_symmetric"),
-                "axis": 0,
-                "weight_bits": meta.get("weight_bits"),
-                "quant_min": meta.get("quant_min"),
-                "quant_max": meta.get("quant_max"),
-                "scale_tensor": f"{r['linear']}.weight_scale" if emit_qparams else None,
-                "scale": scales.get(r["linear"]),
-            }
-            for r in records
-        }
     else:
-        if model_cfg is None or model_cfg.weights is None:
-            raise UsageError(
-                "fold needs a QAT checkpoint, or --model and --weights for a plain BN fold",
-                hint="qatconv fold QAT.safetensors -o OUT.safetensors",
-            )
-        if emit_qparams:
-            raise UsageError(
-                "--emit-qparams needs a QAT checkpoint (a plain fold has no quant params)",
-                hint="run `qatconv prepare` first",
-            )
-        checkpoint.check_output_path(
-            out, force=force, inputs=[model_cfg.weights] + ([check] if check else [])
+        plan = _plan_float_fold(
+            out, model_cfg, check, force=force, allow_no_pairs=allow_no_pairs,
+            emit_qparams=emit_qparams, strict=strict, target_column=target_column,
+            fold_bn_before_linear=fold_bn_before_linear, note=note,
         )
-        loaded = load_model(model_cfg)
-        notes += loaded.notes
-        for n in loaded.notes:
-            note(n)
-        sample = _sample_from_data(loaded.model, check, target_column)
-        scan = scan_pairs(loaded.model, sample, strict=strict)
-        before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
-        _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
-        records = [p.to_record() for p in scan.pairs]
-        validate.check_model_state(loaded.model, records, model_cfg.weights)
-        skipped = _skipped_json(scan)
-        unverified = [p.linear for p in scan.unverified]
-        state = loaded.tensors
-        extra: dict[str, Any] = {"unverified": unverified}
-        if fold_bn_before_linear:
-            before = [
-                {"bn": c.bn, "linear": c.linear, "eps": loaded.model.get_submodule(c.bn).eps,
-                 "bias": loaded.model.get_submodule(c.linear).bias is not None}
-                for c in before_ok
-            ]
-            unverified += [c.linear for c in scan.bn_before_linear if not c.verified and not strict]
-            state = dict(state)  # the fold replaces entries; the loaded dict stays as read
-            fold_mod.fold_bn_before_linear_(state, before)
-            extra["bn_before_linear"] = before
-            # The input-side fold may have given a Linear its bias: the output-side fold must
-            # read it rather than create another.
-            records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state}
-                       for r in records]
-        fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
-        source, stage_from = model_cfg.weights, "float"
-        model_meta = _model_meta(loaded)
+    records, skipped, fpairs, source = plan.records, plan.skipped, plan.fpairs, plan.source
+    stage_from, model_meta, extra, state = plan.stage_from, plan.model_meta, plan.extra, plan.state
     meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
     old_shards = _shards_of_existing_index(out) if max_shard_size and force else []
     # With a check, write into a staging folder beside `out` and move into place only when
@@ -611,13 +525,161 @@ def fold(
         pairs=records,
         skipped=skipped,
         removed=list(report.removed),
-        notes=notes,
+        notes=plan.notes,
         source_stage=stage_from,
         check=check_result,
         seconds=time.perf_counter() - started,
-        metadata={"qparams": report.qparams, "unverified": unverified,
+        metadata={"qparams": report.qparams, "unverified": plan.unverified,
                   "bn_before_linear": extra.get("bn_before_linear", [])},
     )
+
+
+@dataclass
+class _FoldPlan:
+    """The pairs a fold will fold, where the tensors come from, and its metadata extras."""
+
+    records: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    fpairs: list[Any]  # folding.FoldPair
+    source: Path
+    stage_from: str  # "qat" or "float"
+    model_meta: dict[str, Any]
+    extra: dict[str, Any]
+    state: dict[str, torch.Tensor] | None = None  # tensors to fold when not streamed from source
+    notes: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+
+
+def _plan_qat_fold(
+    qat_checkpoint: Path,
+    out: Path,
+    model_cfg: ModelConfig | None,
+    check: Path | None,
+    *,
+    force: bool,
+    allow_no_pairs: bool,
+    emit_qparams: bool,
+    fold_bn_before_linear: bool,
+) -> _FoldPlan:
+    """What a model-free fold of a QAT checkpoint will do (pairs from its metadata)."""
+    from qatconv import checkpoint, validate
+    from qatconv import folding as fold_mod
+
+    if model_cfg is not None and model_cfg.weights is not None:
+        raise UsageError("give either a QAT checkpoint or --weights, not both")
+    if fold_bn_before_linear:
+        raise UsageError(
+            "--fold-bn-before-linear is for the plain fold of a float checkpoint",
+            hint="qatconv fold --model SPEC --weights FLOAT_CKPT --fold-bn-before-linear",
+        )
+    meta = checkpoint.read_metadata(qat_checkpoint)
+    if meta.get("stage") != "qat":
+        raise BadInputError(
+            f"{qat_checkpoint} is not a QAT checkpoint written by `qatconv prepare` "
+            f"(stage: {meta.get('stage', 'none')})",
+            hint="for a float checkpoint use: qatconv fold --model SPEC --weights CKPT -o OUT",
+        )
+    checkpoint.check_output_path(
+        out, force=force, inputs=[qat_checkpoint] + ([check] if check else [])
+    )
+    records = validate.qat_records(meta, qat_checkpoint)
+    # Pair weights are checked by the fold itself as it streams them (one read, not two).
+    validate.check_qat_tensors(
+        qat_checkpoint, records, skip=frozenset(f"{r['qat']}.weight" for r in records)
+    )
+    skipped = list(meta.get("skipped") or [])
+    if not records and not allow_no_pairs:
+        raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
+    qrange = (meta.get("quant_min"), meta.get("quant_max"))
+    fpairs = [
+        fold_mod.FoldPair.from_qat_record(
+            r, quant_range=qrange if None not in qrange else None  # type: ignore[arg-type]
+        )
+        for r in records
+    ]
+    source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
+    extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
+                                       "scheme")}
+    # Per pair: how its folded weight is quantized, with the trained per-channel scales
+    # (exact float32 values; `--emit-qparams` also writes them as tensors).
+    scales = _qat_scales(qat_checkpoint, records)
+    extra["qparams"] = {
+        r["linear"]: {
+            "scheme": meta.get("scheme", "per_channel_symmetric"),
+            "axis": 0,
+            "weight_bits": meta.get("weight_bits"),
+            "quant_min": meta.get("quant_min"),
+            "quant_max": meta.get("quant_max"),
+            "scale_tensor": f"{r['linear']}.weight_scale" if emit_qparams else None,
+            "scale": scales.get(r["linear"]),
+        }
+        for r in records
+    }
+    return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra)
+
+
+def _plan_float_fold(
+    out: Path,
+    model_cfg: ModelConfig | None,
+    check: Path | None,
+    *,
+    force: bool,
+    allow_no_pairs: bool,
+    emit_qparams: bool,
+    strict: bool,
+    target_column: str | None,
+    fold_bn_before_linear: bool,
+    note: Callable[[str], None],
+) -> _FoldPlan:
+    """What a plain BN fold of a float checkpoint will do (pairs from the pair finder)."""
+    from qatconv import checkpoint, validate
+    from qatconv import folding as fold_mod
+
+    if model_cfg is None or model_cfg.weights is None:
+        raise UsageError(
+            "fold needs a QAT checkpoint, or --model and --weights for a plain BN fold",
+            hint="qatconv fold QAT.safetensors -o OUT.safetensors",
+        )
+    if emit_qparams:
+        raise UsageError(
+            "--emit-qparams needs a QAT checkpoint (a plain fold has no quant params)",
+            hint="run `qatconv prepare` first",
+        )
+    checkpoint.check_output_path(
+        out, force=force, inputs=[model_cfg.weights] + ([check] if check else [])
+    )
+    loaded = load_model(model_cfg)
+    for n in loaded.notes:
+        note(n)
+    sample = _sample_from_data(loaded.model, check, target_column)
+    scan = scan_pairs(loaded.model, sample, strict=strict)
+    before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
+    _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
+    records = [p.to_record() for p in scan.pairs]
+    validate.check_model_state(loaded.model, records, model_cfg.weights)
+    skipped = _skipped_json(scan)
+    unverified = [p.linear for p in scan.unverified]
+    state = loaded.tensors
+    extra: dict[str, Any] = {"unverified": unverified}
+    if fold_bn_before_linear:
+        before = [
+            {"bn": c.bn, "linear": c.linear, "eps": loaded.model.get_submodule(c.bn).eps,
+             "bias": loaded.model.get_submodule(c.linear).bias is not None}
+            for c in before_ok
+        ]
+        unverified += [c.linear for c in scan.bn_before_linear if not c.verified and not strict]
+        state = dict(state)  # the fold replaces entries; the loaded dict stays as read
+        fold_mod.fold_bn_before_linear_(state, before)
+        extra["bn_before_linear"] = before
+        # The input-side fold may have given a Linear its bias: the output-side fold must
+        # read it rather than create another.
+        records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state}
+                   for r in records]
+    fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
+    source, stage_from = model_cfg.weights, "float"
+    model_meta = _model_meta(loaded)
+    return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra, state,
+                     loaded.notes, unverified)
 
 
 def _shards_of_existing_index(out: Path) -> list[Path]:
