@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from qatconv import api  # noqa: E402
-from qatconv.config import Loss, Mode, ModelConfig, TrainConfig  # noqa: E402
-from sample_models.digits_mlp import DigitsMLP, load_split  # noqa: E402
+from qatconv import api
+from qatconv.config import Loss, Mode, ModelConfig, TrainConfig
+from sample_models.digits_mlp import DigitsMLP, load_split
 
 SPEC = str(ROOT / "sample_models" / "digits_mlp.py:DigitsMLP")
 WEIGHTS = ROOT / "sample_models" / "digits_mlp.safetensors"
@@ -123,7 +123,7 @@ def main() -> None:
         runs["qatconv prepare"].append(qatconv_prepare(args.steps, args.batch_size, args.lr, r))
     base = statistics.median(runs["torch.ao hand-written"])
     rows = []
-    print(f"| loop | steps/s median | min-max | ratio vs hand-written |")
+    print("| loop | steps/s median | min-max | ratio vs hand-written |")
     print("|---|---:|---:|---:|")
     for name, vals in runs.items():
         med = statistics.median(vals)

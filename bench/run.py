@@ -53,9 +53,9 @@ def verdict(ok: bool) -> str:
 def report(res: dict) -> str:
     lines = [f"Machine: {res['machine']}", ""]
     fold = res["fold"]
-    lines += [f"### fold ({fold['checkpoint']['file_mib']:.0f} MiB checkpoint, "
-              f"{fold['checkpoint']['layers']} x Linear({fold['checkpoint']['hidden']}) + BN; "
-              f"medians of {fold['repeat']})", "",
+    lines += [(f"### fold ({fold['checkpoint']['file_mib']:.0f} MiB checkpoint, "
+               f"{fold['checkpoint']['layers']} x Linear({fold['checkpoint']['hidden']}) + BN; "
+               f"medians of {fold['repeat']})"), "",
               "| tool | wall s (min-max) | vs load+save | peak RSS MiB | RSS / file |",
               "|---|---:|---:|---:|---:|"]
     for r in fold["rows"]:
@@ -64,29 +64,29 @@ def report(res: dict) -> str:
                      f"{r['wall_vs_load_save']:.2f}x | {r['peak_rss_mib']:.0f} | "
                      f"{r['rss_vs_file']:.2f}x |")
     q = next(r for r in fold["rows"] if r["tool"] == res["fold_tool"])
-    lines += ["", f"Goal: `{res['fold_tool']}` wall <= {GOALS['fold_wall_vs_load_save']}x "
-              f"load+save: {q['wall_vs_load_save']:.2f}x, "
-              f"{verdict(q['wall_vs_load_save'] <= GOALS['fold_wall_vs_load_save'])}; "
-              f"peak RSS <= {GOALS['fold_rss_vs_file']}x file: {q['rss_vs_file']:.2f}x, "
-              f"{verdict(q['rss_vs_file'] <= GOALS['fold_rss_vs_file'])}.", ""]
+    lines += ["", (f"Goal: `{res['fold_tool']}` wall <= {GOALS['fold_wall_vs_load_save']}x "
+                   f"load+save: {q['wall_vs_load_save']:.2f}x, "
+                   f"{verdict(q['wall_vs_load_save'] <= GOALS['fold_wall_vs_load_save'])}; "
+                   f"peak RSS <= {GOALS['fold_rss_vs_file']}x file: {q['rss_vs_file']:.2f}x, "
+                   f"{verdict(q['rss_vs_file'] <= GOALS['fold_rss_vs_file'])}."), ""]
     prep = res["prepare"]
-    lines += [f"### prepare (fine-tune, digits MLP, {prep['steps']} steps, batch "
-              f"{prep['batch_size']})", "",
+    lines += [(f"### prepare (fine-tune, digits MLP, {prep['steps']} steps, batch "
+               f"{prep['batch_size']})"), "",
               "| loop | steps/s median (min-max) | vs hand-written |", "|---|---:|---:|"]
     for r in prep["rows"]:
         lines.append(f"| {r['loop']} | {r['median']:.0f} ({min(r['steps_per_s']):.0f}-"
                      f"{max(r['steps_per_s']):.0f}) | {r['ratio']:.2f}x |")
     ratio = next(r["ratio"] for r in prep["rows"] if r["loop"].startswith("qatconv"))
-    lines += ["", f"Goal: >= {GOALS['prepare_vs_hand_written']}x the hand-written loop: "
-              f"{ratio:.2f}x, {verdict(ratio >= GOALS['prepare_vs_hand_written'])}.", ""]
+    lines += ["", (f"Goal: >= {GOALS['prepare_vs_hand_written']}x the hand-written loop: "
+                   f"{ratio:.2f}x, {verdict(ratio >= GOALS['prepare_vs_hand_written'])}."), ""]
     lines += ["### start-up", "", "| command | median s (min-max) | vs import torch |",
               "|---|---:|---:|"]
     for r in res["startup"]:
         lines.append(f"| {r['command']} | {r['median']:.3f} ({min(r['seconds']):.3f}-"
                      f"{max(r['seconds']):.3f}) | {r['ratio_vs_import_torch']:.2f}x |")
     worst = max(r["ratio_vs_import_torch"] for r in res["startup"] if "qatconv" in r["command"])
-    lines += ["", f"Goal: <= {GOALS['startup_vs_import_torch']}x importing torch: worst "
-              f"{worst:.2f}x, {verdict(worst <= GOALS['startup_vs_import_torch'])}.", ""]
+    lines += ["", (f"Goal: <= {GOALS['startup_vs_import_torch']}x importing torch: worst "
+                   f"{worst:.2f}x, {verdict(worst <= GOALS['startup_vs_import_torch'])}."), ""]
     sc = res["scaling"]
     sizes = list(next(iter(sc.values()))["median_s"])
     lines += ["### scaling (in-process; Linear(16, 16) + BN pairs)", "",

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from qatconv import api  # noqa: E402
-from qatconv.config import ModelConfig, TrainConfig  # noqa: E402
+from qatconv import api
+from qatconv.config import ModelConfig, TrainConfig
 
 torch.set_flush_denormal(True)  # 1,000 random layers drift into denormals; same for every tool
 
