@@ -622,6 +622,17 @@ def _input_node(node: fx.Node) -> Any:
 
 
 def _is_shape_query(user: fx.Node, node: fx.Node) -> bool:
+    if (
+        user.op == "call_method"
+        and user.target in _LIKE_METHODS
+        and len(user.args) == 2
+        and user.args[0] is not node
+        and user.args[1] is node
+        and node not in user.kwargs.values()
+    ):
+        # `y.reshape_as(x)`: x only lends its shape (timm LeViT's `bn(x.flatten(0, 1))
+        # .reshape_as(x)`), and folding does not change the Linear output's shape.
+        return True
     if not user.args or user.args[0] is not node:
         return False
     if user.op == "call_method":
@@ -631,6 +642,10 @@ def _is_shape_query(user: fx.Node, node: fx.Node) -> bool:
             return len(user.args) == 2 and user.args[1] in _QUERY_ATTRS
         return user.target is torch.numel
     return False
+
+
+# Tensor methods whose second argument is only read for its shape.
+_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
