@@ -644,6 +644,9 @@ def _is_shape_query(user: fx.Node, node: fx.Node) -> bool:
     return False
 
 
+# Modules that pass their input through unchanged in eval mode.
+_EVAL_IDENTITY = (nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
+
 # Tensor methods whose second argument is only read for its shape.
 _LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
 
@@ -934,12 +937,23 @@ def _bn_before_linear(
         if _bn_problem(bn, bpath, lazy) or facts.reuse(bn, bpath) or not _has_running_stats(bn):
             continue
         users = _value_users(node)
+        prev = node
+        # Dropout and Identity are the identity in eval mode, the mode a folded model runs in
+        # (timm's NormLinear head is BN -> Dropout -> Linear).
+        while (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(work.get_submodule(users[0].target), _EVAL_IDENTITY)
+            and _input_node(users[0]) is prev
+        ):
+            prev = users[0]
+            users = _value_users(prev)
         if len(users) != 1 or users[0].op != "call_module":
             continue
         user = users[0]
         lin = work.get_submodule(user.target)
         lpath = str(user.target)
-        if not isinstance(lin, nn.Linear) or _input_node(user) is not node:
+        if not isinstance(lin, nn.Linear) or _input_node(user) is not prev:
             continue
         if _linear_problem(lin, lpath, lazy) or facts.reuse(lin, lpath):
             continue

@@ -71,3 +71,26 @@ def test_prepare_and_fold_match_the_float_model(tmp_path: Path) -> None:
     with torch.no_grad():
         got = got_model.double()(x.double())
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_plain_fold_with_bn_before_linear_through_dropout(tmp_path: Path) -> None:
+    model = _trained_like()
+    weights = tmp_path / "levit.safetensors"
+    save_file(model.state_dict(), weights)
+    (x,) = model.example_inputs()
+    data = tmp_path / "x.npz"
+    np.savez(data, inputs=x.numpy())
+    folded = tmp_path / "folded.safetensors"
+    result = api.fold(folded, model_cfg=ModelConfig(spec=SPEC, weights=weights), check=data,
+                      fold_bn_before_linear=True)
+    assert result.check is not None and result.check.passed
+    assert [r["bn"] for r in result.metadata["bn_before_linear"]] == ["head.bn"]
+    tensors = load_file(folded)
+    assert not any(k.startswith("head.bn.") for k in tensors)
+    # Independent check of the head: W' = W diag(s), b' = b + W (beta - mean * s), float64.
+    bn, lin = model.head.bn, model.head.linear
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    w_ref = lin.weight.double() * s[None, :]
+    b_ref = lin.bias.double() + lin.weight.double() @ (bn.bias.double() - bn.running_mean.double() * s)
+    torch.testing.assert_close(tensors["head.linear.weight"].double(), w_ref, rtol=2**-23, atol=1e-7)
+    torch.testing.assert_close(tensors["head.linear.bias"].double(), b_ref, rtol=2**-23, atol=1e-7)

@@ -59,10 +59,11 @@ class NormLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(in_features)
+        self.drop = nn.Dropout(0.2)  # the identity in eval mode, as in timm's NormLinear
         self.linear = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(x))
+        return self.linear(self.drop(self.bn(x)))
 
 
 class LeViTLike(nn.Module):
