@@ -429,6 +429,21 @@ def _bn_problem(bn: nn.Module, path: str, lazy: frozenset[str]) -> str | None:
     return None
 
 
+def _unsupported(
+    bn: nn.Module, bpath: str, lin: nn.Linear, lpath: str, lazy: frozenset[str]
+) -> SkippedPair | None:
+    """The first of the module-kind rules (`unsupported-bn`, `unsupported-linear`) a pair fails."""
+    problem = _bn_problem(bn, bpath, lazy)
+    if problem:
+        return SkippedPair(lpath, bpath, "unsupported-bn",
+                           f"{problem}; Linear '{lpath}' is left unfused")
+    problem = _linear_problem(lin, lpath, lazy)
+    if problem:
+        return SkippedPair(lpath, bpath, "unsupported-linear",
+                           f"{problem}; BatchNorm1d '{bpath}' is left unfused")
+    return None
+
+
 def _has_running_stats(bn: nn.Module) -> bool:
     return bool(
         bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
@@ -813,12 +828,9 @@ def _judge(
     def skip(code: str, why: str) -> SkippedPair:
         return SkippedPair(lpath, bpath, code, why)
 
-    problem = _bn_problem(bn, bpath, lazy)
-    if problem:
-        return skip("unsupported-bn", f"{problem}; Linear '{lpath}' is left unfused")
-    problem = _linear_problem(lin, lpath, lazy)
-    if problem:
-        return skip("unsupported-linear", f"{problem}; BatchNorm1d '{bpath}' is left unfused")
+    unsupported = _unsupported(bn, bpath, lin, lpath, lazy)
+    if unsupported:
+        return unsupported
 
     out = int(lin.out_features)
     seen: set[fx.Node] = {chain.linear}
@@ -1082,12 +1094,9 @@ def _judge_untraced(
     def skip(code: str, why: str) -> SkippedPair:
         return SkippedPair(lpath, bpath, code, why)
 
-    problem = _bn_problem(bn, bpath, lazy)
-    if problem:
-        return skip("unsupported-bn", f"{problem}; Linear '{lpath}' is left unfused")
-    problem = _linear_problem(lin, lpath, lazy)
-    if problem:
-        return skip("unsupported-linear", f"{problem}; BatchNorm1d '{bpath}' is left unfused")
+    unsupported = _unsupported(bn, bpath, lin, lpath, lazy)
+    if unsupported:
+        return unsupported
     problem = _sharing_problem(lin, lpath, paths, names, {})
     if problem:
         return skip(
