@@ -35,6 +35,17 @@ def _trained_like() -> LeViTLike:
     return model
 
 
+def _files(tmp_path: Path) -> tuple[LeViTLike, Path, torch.Tensor, Path]:
+    """The model, its checkpoint, its example input and that input as a data file."""
+    model = _trained_like()
+    weights = tmp_path / "levit.safetensors"
+    save_file(model.state_dict(), weights)
+    (x,) = model.example_inputs()
+    data = tmp_path / "x.npz"
+    np.savez(data, inputs=x.numpy())
+    return model, weights, x, data
+
+
 def test_reshape_as_back_is_a_shape_only_use() -> None:
     model = _trained_like()
     scan = find_pairs(model, model.example_inputs())
@@ -45,12 +56,7 @@ def test_reshape_as_back_is_a_shape_only_use() -> None:
 
 
 def test_prepare_and_fold_match_the_float_model(tmp_path: Path) -> None:
-    model = _trained_like()
-    weights = tmp_path / "levit.safetensors"
-    save_file(model.state_dict(), weights)
-    (x,) = model.example_inputs()
-    data = tmp_path / "x.npz"
-    np.savez(data, inputs=x.numpy())
+    _, weights, x, data = _files(tmp_path)
     qat = tmp_path / "qat.safetensors"
     api.prepare(ModelConfig(spec=SPEC, weights=weights), data, qat)
     folded = tmp_path / "folded.safetensors"
@@ -74,12 +80,7 @@ def test_prepare_and_fold_match_the_float_model(tmp_path: Path) -> None:
 
 
 def test_plain_fold_with_bn_before_linear_through_dropout(tmp_path: Path) -> None:
-    model = _trained_like()
-    weights = tmp_path / "levit.safetensors"
-    save_file(model.state_dict(), weights)
-    (x,) = model.example_inputs()
-    data = tmp_path / "x.npz"
-    np.savez(data, inputs=x.numpy())
+    model, weights, _, data = _files(tmp_path)
     folded = tmp_path / "folded.safetensors"
     result = api.fold(folded, model_cfg=ModelConfig(spec=SPEC, weights=weights), check=data,
                       fold_bn_before_linear=True)
