@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from qatconv.errors import UsageError
+from qatconv.errors import CheckpointError, UsageError
 
 
 class Mode(str, Enum):
@@ -24,6 +24,13 @@ class Backend(str, Enum):
     x86 = "x86"
     fbgemm = "fbgemm"
     qnnpack = "qnnpack"
+
+
+class Activations(str, Enum):
+    """What the QAT model quantizes besides the weights."""
+
+    int8 = "int8"  # static W8A8: a per-tensor fake quant on every swapped Linear's input
+    none = "none"  # weight-only (dynamic-quantization and weight-only runtimes)
 
 
 class Optimizer(str, Enum):
@@ -48,11 +55,125 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor kind is quantized: integer dtype, range, symmetry and granularity.
+
+    ``dtype`` is torch's name without the prefix (``qint8``, ``quint8``); ``granularity`` is
+    ``channel`` (one scale per output channel, axis 0) or ``tensor``.
+    """
+
+    dtype: str
+    quant_min: int
+    quant_max: int
+    symmetric: bool
+    granularity: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("qint8", "quint8"):
+            raise ValueError(f"unknown quantized dtype {self.dtype!r}")
+        if not self.quant_min < self.quant_max or self.granularity not in ("channel", "tensor"):
+            raise ValueError(f"bad quant scheme {self}")
+
+    @property
+    def bits(self) -> int:
+        """Bits the range needs (7 for x86's 0..127 activations)."""
+        return (self.quant_max - self.quant_min).bit_length()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dtype": self.dtype, "quant_min": self.quant_min, "quant_max": self.quant_max,
+            "symmetric": self.symmetric, "granularity": self.granularity, "bits": self.bits,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> QuantScheme:
+        """Raises CheckpointError on anything but a scheme `to_json` wrote."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            return cls(str(data["dtype"]), _int(data["quant_min"]), _int(data["quant_max"]),
+                       bool(data["symmetric"]), str(data["granularity"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad_record("quant scheme", data, e) from None
+
+
+@dataclass(frozen=True)
+class InputQParams:
+    """The trained quant params of one Linear's input: ``q = clamp(round(x / scale) +
+    zero_point, quant_min, quant_max)`` (round half to even), ``x ~ (q - zero_point) * scale``.
+
+    Written by `fold` as ``qparams[linear].input``; read by the integer emulation and export.
+    """
+
+    scale: float
+    zero_point: int
+    quant_min: int
+    quant_max: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise ValueError(f"input scale must be positive and finite, got {self.scale}")
+        if not self.quant_min <= self.zero_point <= self.quant_max:
+            raise ValueError(
+                f"input zero point {self.zero_point} is outside [{self.quant_min}, "
+                f"{self.quant_max}]"
+            )
+
+    def to_json(self) -> dict[str, object]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "qmin": self.quant_min,
+                "qmax": self.quant_max, "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: object) -> InputQParams:
+        """Raises CheckpointError on anything but what `to_json` wrote."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            scale = data["scale"]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(f"scale {scale!r} is not a number")
+            return cls(float(scale), _int(data["zero_point"]), _int(data["qmin"]),
+                       _int(data["qmax"]), str(data["dtype"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad_record("input qparams", data, e) from None
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{v!r} is not an integer")
+    return v
+
+
+def _bad_record(what: str, data: object, e: Exception) -> CheckpointError:
+    why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+    return CheckpointError(
+        f"the checkpoint's {what} {data!r} are damaged: {why}",
+        hint="re-run `qatconv prepare` / `qatconv fold` to rewrite the metadata",
+    )
+
+
+# The input (activation) range each backend's int8 Linear reads. The one table to change.
+# x86 / fbgemm: uint8 activations x int8 weights. AVX2 CPUs without VNNI multiply with
+# vpmaddubsw, which adds two adjacent u8 x s8 products into an int16 and saturates at 32767:
+# 255 * 128 * 2 overflows, 127 * 128 * 2 = 32512 does not. Hence 7-bit activations, as torch's
+# x86 / fbgemm qconfigs do with reduce_range=True.
+# qnnpack (XNNPACK): int8 activations x narrow -127..127 weights.
+ACTIVATION_SCHEMES: dict[Backend, QuantScheme] = {
+    Backend.x86: QuantScheme("quint8", 0, 127, symmetric=False, granularity="tensor"),
+    Backend.fbgemm: QuantScheme("quint8", 0, 127, symmetric=False, granularity="tensor"),
+    Backend.qnnpack: QuantScheme("qint8", -128, 127, symmetric=False, granularity="tensor"),
+}
+
+
+@dataclass(frozen=True)
 class QuantConfig:
-    """Weight fake-quant scheme: per-channel symmetric at `weight_bits` for `backend`."""
+    """Fake-quant schemes for `backend`: per-channel symmetric weights at `weight_bits`, and
+    (``activations=int8``) a per-tensor affine fake quant on each swapped Linear's input."""
 
     backend: Backend = Backend.x86
     weight_bits: int = 8
+    activations: Activations = Activations.int8
 
     def __post_init__(self) -> None:
         if not 2 <= self.weight_bits <= 8:
@@ -68,6 +189,18 @@ class QuantConfig:
         if self.backend is Backend.qnnpack:
             return -(half - 1), half - 1
         return -half, half - 1
+
+    @property
+    def weight_scheme(self) -> QuantScheme:
+        qmin, qmax = self.quant_range
+        return QuantScheme("qint8", qmin, qmax, symmetric=True, granularity="channel")
+
+    @property
+    def activation_scheme(self) -> QuantScheme | None:
+        """The input scheme of the swapped Linears; None when weight-only."""
+        if self.activations is Activations.none:
+            return None
+        return ACTIVATION_SCHEMES[self.backend]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ fixes what the torch module gets wrong:
 - inputs with more than two dims (token-wise pairs) are flattened around the module.
 - the fake-quant op is skipped when both fake quant and observation are off, so the module also
   runs in float64 (for tests) and under `disable_fake_quant` + `disable_observer`.
+- static W8A8 (``--activations int8``): ``input_fake_quant``, a per-tensor affine `FakeQuantize`
+  on the input the int8 GEMM reads (token-wise inputs: one range over all tokens). Its observer
+  records the exact min/max over the data in calibration, then follows torch's moving average
+  of each batch's min/max while fine-tuning. Weight-only modules have no such submodule, so
+  their state dict is what it always was.
 
 The float model is never touched: tensors are cloned into the QAT modules.
 """
@@ -29,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatconv.config import Loss, Mode, Optimizer, QuantConfig, TrainConfig
+from qatconv.config import Loss, Mode, Optimizer, QuantConfig, QuantScheme, TrainConfig
 from qatconv.errors import BadInputError, DataError, QatconvError
 
 log = logging.getLogger(__name__)
 
 
-def _import_qat() -> tuple[type, type, type, type]:
+def _import_qat() -> tuple[type, type, type, type, type, type]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -43,6 +48,8 @@ def _import_qat() -> tuple[type, type, type, type]:
             from torch.ao.quantization import (
                 FakeQuantize,
                 FakeQuantizeBase,
+                MinMaxObserver,
+                MovingAverageMinMaxObserver,
                 MovingAveragePerChannelMinMaxObserver,
             )
     except ImportError as e:  # torch built without the ao QAT modules
@@ -55,10 +62,25 @@ def _import_qat() -> tuple[type, type, type, type]:
         FakeQuantizeBase,
         FakeQuantize,
         MovingAveragePerChannelMinMaxObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
     )
 
 
-_LinearBn1d, FakeQuantizeBase, _FakeQuantize, _PerChannelObserver = _import_qat()
+(
+    _LinearBn1d,
+    FakeQuantizeBase,
+    _FakeQuantize,
+    _PerChannelObserver,
+    _MinMaxObserver,
+    _MovingAverageObserver,
+) = _import_qat()
+
+_QDTYPES = {"qint8": torch.qint8, "quint8": torch.quint8}
+
+# torch's default for QAT activation observers (default_fake_quant): each batch moves the
+# range 1% of the way to its own min/max.
+INPUT_AVERAGING_CONSTANT = 0.01
 
 
 def make_qconfig(quant: QuantConfig) -> object:
@@ -83,18 +105,61 @@ def make_qconfig(quant: QuantConfig) -> object:
     return QConfig(activation=nn.Identity, weight=weight)
 
 
+class InputObserver(_MovingAverageObserver):  # type: ignore[misc, valid-type]
+    """Per-tensor min/max observer: exact running min/max while ``exact`` (calibration), a
+    moving average of each batch's min/max otherwise (fine-tuning, torch's QAT default).
+
+    Both keep their range in the same ``min_val`` / ``max_val`` buffers, so a fine-tune starts
+    its moving average from the calibrated range.
+    """
+
+    exact: bool = False
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return _MinMaxObserver.forward(self, x_orig)
+        return super().forward(x_orig)
+
+
+def make_input_fake_quant(scheme: QuantScheme) -> nn.Module:
+    """A per-tensor affine `FakeQuantize` for a Linear's input under ``scheme``.
+
+    The zero point is an integer in [quant_min, quant_max], so 0.0 is exactly representable.
+    """
+    if scheme.granularity != "tensor" or scheme.symmetric:
+        raise ValueError(f"input fake quant supports per-tensor affine schemes, got {scheme}")
+    return _FakeQuantize(
+        observer=InputObserver,
+        quant_min=scheme.quant_min,
+        quant_max=scheme.quant_max,
+        dtype=_QDTYPES[scheme.dtype],
+        qscheme=torch.per_tensor_affine,
+        averaging_constant=INPUT_AVERAGING_CONSTANT,
+    )
+
+
 def bn_scale64(gamma: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """``gamma * rsqrt(running_var + eps)`` in float64: the fold's per-channel scale."""
     return gamma.double() * torch.rsqrt(running_var.double() + eps)
 
 
 class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
-    """LinearBn1d with exact zero-gamma handling, float64 weight scaling and N-d inputs."""
+    """LinearBn1d with exact zero-gamma handling, float64 weight scaling, N-d inputs and an
+    optional input fake quant (static W8A8)."""
+
+    input_fake_quant: nn.Module | None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_fake_quant = None  # a plain attribute until a module is assigned
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         lead = input.shape[:-1]
         if input.dim() != 2:
             input = input.reshape(-1, input.shape[-1])
+        ifq = self.input_fake_quant
+        if ifq is not None and (bool(ifq.fake_quant_enabled[0]) or bool(ifq.observer_enabled[0])):
+            input = ifq(input)
         bn = self.bn
         gamma = bn.weight
         scale64 = bn_scale64(gamma, bn.running_var, bn.eps)
@@ -113,8 +178,15 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
         return out
 
     @classmethod
-    def from_pair(cls, linear: nn.Linear, bn: nn.BatchNorm1d, qconfig: object) -> QatLinearBn1d:
-        """A QAT module holding clones of ``linear``'s and ``bn``'s tensors (never shared)."""
+    def from_pair(
+        cls,
+        linear: nn.Linear,
+        bn: nn.BatchNorm1d,
+        qconfig: object,
+        input_scheme: QuantScheme | None = None,
+    ) -> QatLinearBn1d:
+        """A QAT module holding clones of ``linear``'s and ``bn``'s tensors (never shared);
+        with ``input_scheme``, an ``input_fake_quant`` for static int8 activations."""
         mod = cls(
             linear.in_features,
             linear.out_features,
@@ -143,16 +215,25 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
             mod.bn.running_var.copy_(bn.running_var)
             mod.bn.num_batches_tracked.copy_(bn.num_batches_tracked)
         mod.weight_fake_quant.to(device=ref.device)
+        if input_scheme is not None:
+            mod.input_fake_quant = make_input_fake_quant(input_scheme).to(device=ref.device)
         return mod
 
 
-def swap_pairs_(model: nn.Module, pairs: Sequence[dict], qconfig: object) -> dict[str, nn.Module]:
+def swap_pairs_(
+    model: nn.Module,
+    pairs: Sequence[dict],
+    qconfig: object,
+    input_scheme: QuantScheme | None = None,
+) -> dict[str, nn.Module]:
     """Put a `QatLinearBn1d` at each pair's Linear path and `nn.Identity` at its BN path.
 
     Args:
         model: modified in place (pass a deep copy to keep the float model).
         pairs: pair records (``linear``, ``bn`` paths).
         qconfig: from `make_qconfig`.
+        input_scheme: the activation scheme (`QuantConfig.activation_scheme`); None for
+            weight-only.
 
     Returns:
         The QAT modules by path.
@@ -167,7 +248,7 @@ def swap_pairs_(model: nn.Module, pairs: Sequence[dict], qconfig: object) -> dic
             )
         if bn.running_var is None or bn.running_mean is None:
             raise BadInputError(f"{pair['bn']} tracks no running stats; it cannot be folded")
-        qat = QatLinearBn1d.from_pair(linear, bn, qconfig)
+        qat = QatLinearBn1d.from_pair(linear, bn, qconfig, input_scheme)
         _set_submodule(model, pair["linear"], qat)
         _set_submodule(model, pair["bn"], nn.Identity())
         swapped[pair["linear"]] = qat
@@ -192,6 +273,38 @@ def set_fake_quant_(model: nn.Module, *, fake_quant: bool, observer: bool) -> No
         if isinstance(mod, FakeQuantizeBase):
             (mod.enable_fake_quant if fake_quant else mod.disable_fake_quant)()
             (mod.enable_observer if observer else mod.disable_observer)()
+
+
+def input_fake_quants(model: nn.Module) -> list[nn.Module]:
+    """The input fake quants of the swapped Linears (empty for a weight-only model)."""
+    return [m.input_fake_quant for _, m in qat_modules(model) if m.input_fake_quant is not None]
+
+
+def observe_input_ranges_(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    """Set every input fake quant's range to the exact min/max of its input over ``inputs``.
+
+    One pass in eval mode with the weight fake quant on and the input fake quant off: each
+    range is that of the tensor the Linear reads when the upstream activations are float.
+    Ends with fake quant on and every observer off.
+    """
+    fqs = input_fake_quants(model)
+    if not fqs:
+        return
+    model.eval()
+    set_fake_quant_(model, fake_quant=True, observer=False)
+    for fq in fqs:
+        fq.disable_fake_quant()
+        fq.enable_observer()
+        fq.activation_post_process.reset_min_max_vals()
+        fq.activation_post_process.exact = True
+    try:
+        with torch.no_grad():
+            for i in range(0, len(inputs), batch_size):
+                model(inputs[i : i + batch_size])
+    finally:
+        for fq in fqs:
+            fq.activation_post_process.exact = False
+    set_fake_quant_(model, fake_quant=True, observer=False)
 
 
 def refresh_observers_(model: nn.Module) -> None:
@@ -262,6 +375,8 @@ def calibrate_(
 ) -> None:
     """Observe weight ranges; optionally re-estimate BN stats as exact averages over the data.
 
+    Input ranges (static W8A8) are then the exact min/max over the data (`observe_input_ranges_`).
+
     BN stats are re-estimated one pair at a time in graph order, each with the upstream pairs
     already re-estimated, by accumulating float64 sums of the BN's input over all of the data.
     """
@@ -275,6 +390,7 @@ def calibrate_(
         set_fake_quant_(model, fake_quant=True, observer=True)
         refresh_observers_(model)
         set_fake_quant_(model, fake_quant=True, observer=False)
+    observe_input_ranges_(model, inputs, batch_size)
 
 
 def _reestimate_bn_(
@@ -412,6 +528,7 @@ def finetune_(
     else:
         opt = _adam(params, config.lr)
     qats = [m for _, m in qat_modules(model)]
+    _start_input_ranges_(model, inputs, config.batch_size)
     model.train()
     set_fake_quant_(model, fake_quant=True, observer=True)
     result = TrainResult()
@@ -426,6 +543,8 @@ def finetune_(
         if step == obs_at:
             for m in qats:
                 m.weight_fake_quant.disable_observer()
+                if m.input_fake_quant is not None:
+                    m.input_fake_quant.disable_observer()
             result.observers_frozen_at = step
         idx = next(batches)
         out = model(inputs[idx])
@@ -449,6 +568,17 @@ def finetune_(
         refresh_observers_(model)
     set_fake_quant_(model, fake_quant=True, observer=False)
     return result
+
+
+def _start_input_ranges_(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    """Start a fine-tune's input ranges at the exact min/max over the data (static W8A8 only:
+    a weight-only fine-tune stays exactly as it was)."""
+    if not input_fake_quants(model):
+        return
+    with torch.no_grad():
+        set_fake_quant_(model, fake_quant=True, observer=True)
+        refresh_observers_(model)
+    observe_input_ranges_(model, inputs, batch_size)
 
 
 def simulated_metrics(

@@ -1,0 +1,219 @@
+"""Integer emulation of a folded static-W8A8 model: what an int8 backend computes, in numpy.
+
+Independent of torch's fake-quant ops: each quantized Linear is run from the written tensors
+and metadata alone, the way an int8 GEMM runs it:
+
+    xq  = clamp(rint(x / s_x) + z_x, qmin_x, qmax_x)            (ONNX QuantizeLinear, float32)
+    wq  = clamp(rint(W / s_w[c]), qmin_w, qmax_w)                (per output channel, symmetric)
+    acc = (xq - z_x) @ wq.T                                      (exact integer accumulation)
+    y   = acc * (s_x * s_w[c]) + b                               (rescale and bias in float64)
+
+Rounding is half to even on the float32 quotient, as ONNX QuantizeLinear specifies (torch's
+fake quant multiplies by a float32 reciprocal instead; the two differ only within an ulp of a
+rounding tie). The rest of the model (everything but the quantized Linears) runs as the folded
+torch model: `emulated` forward-hooks each quantized Linear to replace its output.
+
+Public API: `quantize`, `int_matmul`, `emulate_linear` (numpy arrays), `LinearQuant` (one
+Linear's scheme, from the folded metadata), `linear_quants`, `emulated` and `emulate` (a model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qatconv.config import InputQParams
+from qatconv.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "LinearQuant",
+    "emulate",
+    "emulate_linear",
+    "emulated",
+    "int_matmul",
+    "linear_quants",
+    "quantize",
+]
+
+# float64 sums of integers are exact while every partial sum stays below 2**53.
+_EXACT_F64 = 2.0**53
+
+
+def quantize(
+    x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, qmin: int, qmax: int
+) -> np.ndarray:
+    """``clamp(rint(x / scale) + zero_point, qmin, qmax)`` as int64, the quotient in float32.
+
+    ``scale`` / ``zero_point`` broadcast against ``x`` (a column ``(out, 1)`` for per-channel
+    weights). Round half to even, as ONNX QuantizeLinear.
+    """
+    q = np.rint(np.divide(np.asarray(x, np.float32), np.asarray(scale, np.float32)))
+    q = q.astype(np.float64) + np.asarray(zero_point, np.float64)
+    return np.clip(q, qmin, qmax).astype(np.int64)
+
+
+def int_matmul(xq: np.ndarray, x_zero_point: int, wq: np.ndarray) -> np.ndarray:
+    """Exact ``(xq - x_zero_point) @ wq.T`` in int64 for ``xq`` (n, k) and ``wq`` (out, k).
+
+    Runs on float64 BLAS when every partial sum provably stays below 2**53 (then each product
+    and each addition is exact), else on numpy's int64 loop.
+    """
+    a = np.asarray(xq, np.int64) - int(x_zero_point)
+    b = np.asarray(wq, np.int64)
+    k = a.shape[-1]
+    bound = k * (int(np.abs(a).max(initial=0)) * int(np.abs(b).max(initial=0)))
+    if bound < _EXACT_F64:
+        return (a.astype(np.float64) @ b.T.astype(np.float64)).astype(np.int64)
+    return a @ b.T
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """How one folded Linear runs in int8: per-channel symmetric weights, and the input's
+    per-tensor qparams (None: weight-only, the input stays float)."""
+
+    weight_scale: np.ndarray  # (out,) float32
+    weight_min: int
+    weight_max: int
+    input: InputQParams | None = None
+
+    @classmethod
+    def from_json(cls, linear: str, record: Mapping[str, Any]) -> LinearQuant:
+        """From a folded checkpoint's ``qparams[linear]`` (``scale``, ``quant_min``,
+        ``quant_max`` and, for W8A8, ``input``).
+
+        Raises:
+            CheckpointError: a field is missing or malformed.
+        """
+        scale, qmin, qmax = record.get("scale"), record.get("quant_min"), record.get("quant_max")
+        ok = (
+            isinstance(scale, list) and scale and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                and math.isfinite(v) for v in scale
+            )
+            and isinstance(qmin, int) and isinstance(qmax, int) and qmin < qmax
+        )
+        if not ok:
+            raise CheckpointError(
+                f"qparams[{linear!r}] has no valid weight scale / quant_min / quant_max",
+                hint="fold the QAT checkpoint again with this qatconv",
+            )
+        raw_input = record.get("input")
+        inp = None if raw_input is None else InputQParams.from_json(raw_input)
+        return cls(np.asarray(scale, np.float32), qmin, qmax, inp)  # type: ignore[arg-type]
+
+
+def linear_quants(qparams: Mapping[str, Any], *, w8a8_only: bool = True) -> dict[str, LinearQuant]:
+    """Every Linear of a folded checkpoint's ``qparams`` metadata with its scheme.
+
+    Args:
+        qparams: ``metadata["qparams"]`` of a folded checkpoint.
+        w8a8_only: keep only the Linears whose input is quantized too.
+    """
+    quants = {name: LinearQuant.from_json(name, rec) for name, rec in sorted(qparams.items())}
+    return {n: q for n, q in quants.items() if q.input is not None or not w8a8_only}
+
+
+def emulate_linear(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, quant: LinearQuant
+) -> np.ndarray:
+    """One quantized Linear on ``x`` (..., in) -> float64 (..., out).
+
+    Token-wise inputs are one tensor for the input quantizer (per-tensor over all tokens).
+    """
+    w = np.asarray(weight, np.float32)
+    out_f, in_f = w.shape
+    if quant.weight_scale.shape != (out_f,):
+        raise CheckpointError(
+            f"weight scale has {quant.weight_scale.size} values for {out_f} output channels"
+        )
+    lead = x.shape[:-1]
+    x2 = np.asarray(x).reshape(-1, in_f)
+    wq = quantize(w, quant.weight_scale[:, None], 0, quant.weight_min, quant.weight_max)
+    s_w = quant.weight_scale.astype(np.float64)
+    if quant.input is None:
+        y = x2.astype(np.float64) @ (wq * s_w[:, None]).T
+    else:
+        qp = quant.input
+        xq = quantize(x2, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max)
+        acc = int_matmul(xq, qp.zero_point, wq)
+        y = acc.astype(np.float64) * (float(np.float32(qp.scale)) * s_w)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y.reshape(*lead, out_f)
+
+
+@contextlib.contextmanager
+def emulated(
+    model: nn.Module,
+    tensors: Mapping[str, Any],
+    quants: Mapping[str, LinearQuant],
+) -> Iterator[nn.Module]:
+    """Within the block, each Linear named in ``quants`` computes its output with
+    `emulate_linear` from ``tensors[<linear>.weight]`` / ``.bias`` (numpy or torch).
+
+    ``model`` is the folded model (`qatconv.load_folded`); it runs everything else.
+    """
+    import torch
+
+    weights = {n: (_numpy(tensors[f"{n}.weight"]), _numpy(tensors.get(f"{n}.bias")))
+               for n in quants}
+
+    def hook_for(name: str) -> Any:
+        w, b = weights[name]
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            y = emulate_linear(args[0].detach().cpu().numpy(), w, b, quants[name])
+            return torch.from_numpy(y).to(dtype=out.dtype, device=out.device)
+
+        return hook
+
+    handles = []
+    try:
+        for name in quants:
+            handles.append(model.get_submodule(name).register_forward_hook(hook_for(name)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def emulate(
+    model: nn.Module,
+    tensors: Mapping[str, Any],
+    qparams: Mapping[str, Any],
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Outputs of the folded model with every W8A8 Linear run as integer arithmetic.
+
+    Args:
+        model: the folded model (`qatconv.load_folded`), in eval mode.
+        tensors: the folded checkpoint's tensors (the quantized Linears' weight and bias).
+        qparams: the folded checkpoint's ``qparams`` metadata.
+        inputs: model inputs, first dimension = samples (a tensor output is assumed).
+    """
+    import torch
+
+    quants = linear_quants(qparams)
+    with torch.no_grad(), emulated(model, tensors, quants):
+        outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    return torch.cat(outs)
+
+
+def _numpy(t: Any) -> np.ndarray | None:
+    if t is None:
+        return None
+    if isinstance(t, np.ndarray):
+        return t
+    return t.detach().cpu().float().numpy()
