@@ -5,16 +5,48 @@ Human output is plain when stderr is not a TTY and silent under ``--quiet``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
+
+
+class _Stdout:
+    """Where results go while `stdout_to_stderr` sends everything else to stderr."""
+
+    stream: TextIO | None = None
+    result_written = False
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Run a command body with ``sys.stdout`` pointing at stderr; `Output.result` keeps stdout.
+
+    Model code and the libraries it imports print (version notices, debug prints); under
+    ``--json`` stdout must hold the one JSON object and nothing else.
+    """
+    saved = _Stdout.stream
+    _Stdout.stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _Stdout.stream = saved
+
+
+def result_written(*, reset: bool = False) -> bool:
+    """Whether the running command has printed its JSON result already (``reset``: forget it)."""
+    written = _Stdout.result_written
+    if reset:
+        _Stdout.result_written = False
+    return written
 
 
 class Output:
@@ -56,8 +88,10 @@ class Output:
     def result(self, obj: dict[str, Any]) -> None:
         """The command's JSON result (stdout, only with --json)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-            sys.stdout.flush()
+            stream = _Stdout.stream or sys.stdout
+            stream.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+            stream.flush()
+            _Stdout.result_written = True
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
@@ -104,3 +138,10 @@ class Output:
 def error_line(message: str, hint: str | None) -> str:
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     return f"error: {first}" + (f"\nhint: {hint.strip().splitlines()[0]}" if hint else "")
+
+
+def error_json(message: str, hint: str | None, exit_code: int) -> str:
+    """The one JSON object `--json` prints on stdout when a command fails."""
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    hint_line = hint.strip().splitlines()[0] if hint and hint.strip() else None
+    return json.dumps({"error": first, "hint": hint_line, "exit_code": exit_code}) + "\n"

@@ -388,34 +388,30 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
 
 
 def _model_meta(loaded: LoadedModel) -> dict[str, Any]:
-    """The model spec as given, plus the absolute file path for `file.py:NAME` specs."""
-    meta: dict[str, Any] = {"spec": loaded.spec, "args": loaded.args}
-    if loaded.spec and ":" in loaded.spec:
-        file, _, name = loaded.spec.rpartition(":")
-        if file.endswith(".py"):
-            meta["spec_resolved"] = f"{Path(file).resolve()}:{name}"
-    return meta
+    """The model spec relative to the working directory (and absolute), and its arguments."""
+    from qatconv import modelspec
+
+    return {**modelspec.record_spec(loaded.spec), "args": loaded.args}
 
 
-def _model_cfg_from_meta(meta: dict[str, Any], model_cfg: ModelConfig | None) -> ModelConfig:
+def _model_cfg_from_meta(
+    meta: dict[str, Any], model_cfg: ModelConfig | None, note: Callable[[str], None] | None = None
+) -> ModelConfig:
     from qatconv import modelspec
 
     if model_cfg is not None and model_cfg.spec is not None:
         return ModelConfig(spec=model_cfg.spec, args=model_cfg.args)
     model_meta = meta.get("model") or {}
-    spec = model_meta.get("spec")
-    resolved = model_meta.get("spec_resolved")
-    if isinstance(spec, str) and isinstance(resolved, str) and not Path(
-        spec.rpartition(":")[0]
-    ).exists():
-        spec = resolved  # a relative file spec, read from another folder than prepare's
-    if not spec:
+    if not model_meta.get("spec"):
         raise UsageError(
             "this check needs the model code, and the checkpoint names no model spec",
-            hint="pass --model path/to/file.py:ClassName",
+            hint="pass --model path/to/file.py:NAME",
         )
-    modelspec.check_recorded_spec(spec, "the checkpoint")  # its metadata is not the user's word
-    return ModelConfig(spec=spec, args=(meta.get("model") or {}).get("args") or {})
+    # Its metadata is not the user's word: the spec is vetted before anything is called.
+    spec, how = modelspec.spec_from_record(model_meta, "the checkpoint")
+    if note is not None:
+        note(f"using {how}")
+    return ModelConfig(spec=spec, args=model_meta.get("args") or {})
 
 
 def fold(
@@ -501,7 +497,7 @@ def fold(
             check_result = verify(
                 target, stage_from, model_cfg, check, atol=atol, rtol=rtol,
                 qat_checkpoint=qat_checkpoint, model_meta=model_meta,
-                target_column=target_column,
+                target_column=target_column, on_note=note,
             )
             if not check_result.passed:
                 raise CheckFailedError(
@@ -843,11 +839,12 @@ def verify(
     qat_checkpoint: Path | None = None,
     model_meta: dict[str, Any] | None = None,
     target_column: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> CheckResult:
     """Run the reference and the folded model on ``data``; report the max errors."""
     import torch
 
-    from qatconv import checkpoint, qat
+    from qatconv import checkpoint, outputs, qat
     from qatconv import data as data_mod
 
     ds = data_mod.load_data(data, target_column=target_column)
@@ -860,7 +857,7 @@ def verify(
         meta = {"model": model_meta or {}, **checkpoint.read_metadata(qat_checkpoint)}
         reference = load_qat(qat_checkpoint, model_cfg)
         qat.set_fake_quant_(reference, fake_quant=False, observer=False)
-        spec_cfg = _model_cfg_from_meta(meta, model_cfg)
+        spec_cfg = _model_cfg_from_meta(meta, model_cfg, on_note)
         ref_name = "qat"
     else:
         assert model_cfg is not None
@@ -868,9 +865,9 @@ def verify(
         spec_cfg = None
         ref_name = "float"
     if spec_cfg is None:  # the float reference's own architecture (a pickled module too)
-        import copy
+        from qatconv.modelcopy import copy_model
 
-        folded_model = copy.deepcopy(reference)
+        folded_model = copy_model(reference)
     else:
         folded_model = load_model(spec_cfg).model
     load_folded(folded_model, folded_path)
@@ -880,12 +877,12 @@ def verify(
     inputs = ds.inputs.to(dtype)
     _check_data_fits(reference, inputs, data)
     with torch.no_grad():
-        ref = torch.cat([reference(inputs[i : i + 1024]) for i in range(0, len(inputs), 1024)])
-        got = torch.cat(
-            [folded_model(inputs[i : i + 1024]) for i in range(0, len(inputs), 1024)]
-        )
-    diff = (got.double() - ref.double()).abs()
-    scale = ref.double().abs()
+        ref_out = outputs.forward_outputs(reference, inputs)
+        got_out = outputs.forward_outputs(folded_model, inputs)
+    outputs.require_same_names(ref_out, got_out, f"the {ref_name} reference", "the folded model")
+    ref, got = outputs.flat_cat(ref_out, torch.float64), outputs.flat_cat(got_out, torch.float64)
+    diff = (got - ref).abs()
+    scale = ref.abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = float((diff / scale.clamp_min(1e-12)).max()) if diff.numel() else 0.0
     passed = bool((diff <= atol + rtol * scale).all()) and bool(torch.isfinite(got).all())

@@ -6,17 +6,19 @@ The only module that knows argv, exit codes and colour. It imports no torch at m
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from qatconv import __version__
-from qatconv._console import Output, error_line
+from qatconv._console import Output, error_json, error_line, result_written, stdout_to_stderr
 from qatconv.config import (
     Backend,
     Device,
@@ -411,6 +413,19 @@ class _interruptible:
                 pass
 
 
+def _stdout_guarded(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """The command body with whatever it (or model code) prints sent to stderr: stdout is --json's."""
+    if callback is None:
+        return None
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with stdout_to_stderr():
+            return callback(*args, **kwargs)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; every failure ends as `error:` / `hint:` + exit code.
 
@@ -424,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("QATCONV_DEBUG") == "1"
+    json_mode = "--json" in args
+    result_written(reset=True)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"torch\.ao\..*")
 
@@ -432,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         sys.stderr.write(error_line(message, hint) + "\n")
         sys.stderr.flush()
+        if json_mode and not result_written():
+            sys.stdout.write(error_json(message, hint, code))
+            sys.stdout.flush()
         sys.exit(code)
 
     def kinds(e: BaseException) -> set[str]:
@@ -439,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         return {c.__name__ for c in type(e).__mro__}
 
     command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():
+        sub.callback = _stdout_guarded(sub.callback)
     old_sigterm = _interruptible.install()
     rv: Any = None
     try:

@@ -53,9 +53,12 @@ class DemoResult:
 def _accuracy(model: Any, inputs: Any, targets: Any) -> float:
     import torch
 
+    from qatconv.outputs import first_output
+
     model.eval()
     with torch.no_grad():
-        return float((model(inputs).argmax(1) == targets).double().mean())
+        logits = first_output(model(inputs), len(inputs))
+        return float((logits.argmax(1) == targets).double().mean())
 
 
 def run(

@@ -90,42 +90,146 @@ def build_model(spec: str, args: dict[str, object] | None = None) -> nn.Module:
     return _call(spec, factory, args)
 
 
+# Packages whose plain functions read files or run code (torch.load, torch.hub.load, numpy.load,
+# pandas.read_pickle): a recorded spec may name their nn.Module classes, never their functions.
+_LOADER_PACKAGES = frozenset({
+    "torch", "numpy", "pandas", "scipy", "joblib", "dill", "cloudpickle", "yaml", "safetensors",
+    "qatconv", "setuptools", "pip", "pkg_resources", "IPython", "pytest", "_pytest",
+})
+
+
 def check_recorded_spec(spec: str, source: object) -> None:
     """Vet a model spec that a checkpoint's metadata names, before anything calls it.
 
     A spec typed by the user may name any factory: the user asked for it to run. A spec read
-    from a file someone else wrote is held to what qatconv itself records: NAME must be an
-    ``nn.Module`` subclass (constructing a model, not calling an arbitrary function such as
-    ``subprocess:run``), and a module spec must not name the standard library (no model lives
-    there, and importing some of it has side effects).
+    from a file someone else wrote must name model code: an ``nn.Module`` class, or a function
+    defined in the named model file or in an installed (non-standard-library) package module;
+    the function's result is checked to be an ``nn.Module`` when it is called. Refused: builtins
+    and standard-library callables (``subprocess:run``), files inside the Python installation,
+    other callable objects, functions of packages that load files (``torch.hub:load``), and
+    functions annotated to return something other than an ``nn.Module``.
 
     Raises:
         ModelSpecError: the spec does not meet that; the hint says to pass ``--model``.
     """
-    hint = "pass the model explicitly: --model path/to/file.py:ClassName"
+    hint = "pass the model explicitly: --model path/to/file.py:NAME"
     if not isinstance(spec, str):
         raise ModelSpecError(f"{source}: the recorded model spec is not a string", hint=hint)
     target, sep, name = spec.rpartition(":")
-    if sep and target and not _looks_like_file(target):
-        top = target.split(".")[0]
-        if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-            raise ModelSpecError(
-                f"{source} names {spec!r} as its model; that is not model code, refusing to "
-                "run it",
-                hint=hint,
-            )
-    if not sep or not target or not name or not all(p.isidentifier() for p in name.split(".")):
-        raise ModelSpecError(f"{source}: the recorded model spec {spec!r} is malformed", hint=hint)
-    module = _import_file(spec, Path(target)) if _looks_like_file(target) else _import_module(
-        spec, target
-    )
-    obj = _resolve(spec, module, name)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+    is_file = bool(sep and target) and _looks_like_file(target)
+    if sep and target and (_in_stdlib(target) if not is_file else _in_python_install(target)):
         raise ModelSpecError(
-            f"{source} names {spec!r} as its model, which is not an nn.Module class; refusing "
-            "to call it",
+            f"{source} names {spec!r} as its model; that is not model code, refusing to run it",
             hint=hint,
         )
+    if not sep or not target or not name or not all(p.isidentifier() for p in name.split(".")):
+        raise ModelSpecError(f"{source}: the recorded model spec {spec!r} is malformed", hint=hint)
+    module = _import_file(spec, Path(target)) if is_file else _import_module(spec, target)
+    why = _not_model_code(_resolve(spec, module, name), module, is_file)
+    if why:
+        raise ModelSpecError(
+            f"{source} names {spec!r} as its model, which {why}; refusing to call it", hint=hint
+        )
+
+
+def _in_stdlib(target: str) -> bool:
+    top = target.split(".")[0]
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+
+def _in_python_install(target: str) -> bool:
+    """True for a file of the standard library, or of a package whose functions load files."""
+    import sysconfig
+
+    file = Path(target).resolve()
+    paths = sysconfig.get_paths()
+    for key in ("stdlib", "platstdlib"):
+        if paths.get(key) and file.is_relative_to(Path(paths[key]).resolve()) and not any(
+            file.is_relative_to(Path(paths[k]).resolve()) for k in ("purelib", "platlib")
+            if paths.get(k)
+        ):
+            return True
+    for key in ("purelib", "platlib"):
+        root = Path(paths[key]).resolve() if paths.get(key) else None
+        if root is not None and file.is_relative_to(root):
+            top = file.relative_to(root).parts[0].removesuffix(".py")
+            return top in _LOADER_PACKAGES or _in_stdlib(top)
+    return False
+
+
+def _not_model_code(obj: object, module: types.ModuleType, is_file: bool) -> str | None:
+    """Why ``obj`` is not a model class or factory a checkpoint may name (None: it is)."""
+    if isinstance(obj, type):
+        return None if issubclass(obj, nn.Module) else "is a class but not an nn.Module"
+    func = getattr(obj, "__func__", obj)  # a classmethod/staticmethod reached through a class
+    if not inspect.isfunction(func):
+        return f"is a {type(obj).__name__}, not a class or a function"
+    home = getattr(func, "__module__", None) or ""
+    top = home.split(".")[0]
+    if is_file and home != module.__name__:
+        return f"is {home}.{func.__qualname__}, not a function defined in that file"
+    if _in_stdlib(home) or top in _LOADER_PACKAGES:
+        return f"is {home}.{func.__qualname__}, not a model factory"
+    returns = _return_type(func)
+    if isinstance(returns, type) and not issubclass(returns, nn.Module):
+        return f"is a function that returns {returns.__name__}, not an nn.Module"
+    return None
+
+
+def _return_type(func: Callable[..., object]) -> object:
+    import typing
+
+    try:
+        return typing.get_type_hints(func).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve tells nothing
+        return None
+
+
+def record_spec(spec: str | None) -> dict[str, str | None]:
+    """How a checkpoint records the spec it was built from.
+
+    A file spec is recorded relative to the working directory (so a checkpoint moved with its
+    project still finds the code) and, as ``spec_resolved``, by its absolute path (so a
+    checkpoint read from another folder of the same machine does). A module spec is kept as is.
+    """
+    if not spec or ":" not in spec:
+        return {"spec": spec}
+    target, _, name = spec.rpartition(":")
+    if not _looks_like_file(target):
+        return {"spec": spec}
+    file = Path(target).resolve()
+    try:
+        relative = Path(os.path.relpath(file)).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        relative = file.as_posix()
+    return {"spec": f"{relative}:{name}", "spec_resolved": f"{file.as_posix()}:{name}"}
+
+
+def spec_from_record(model_meta: dict[str, object], source: object) -> tuple[str, str]:
+    """The spec a checkpoint records, vetted; and which form of it was used, in words.
+
+    The relative form is tried first (from the working directory), then the absolute path.
+
+    Raises:
+        ModelSpecError: no spec is recorded, neither form finds the file, or the spec is not
+            model code (`check_recorded_spec`).
+    """
+    spec, resolved = model_meta.get("spec"), model_meta.get("spec_resolved")
+    hint = "pass --model path/to/file.py:NAME"
+    if not isinstance(spec, str) or not spec:
+        raise ModelSpecError(f"{source} names no model spec", hint=hint)
+    target = spec.rpartition(":")[0]
+    if not _looks_like_file(target) or Path(target).is_file():
+        used, how = spec, "relative to the working directory" if _looks_like_file(target) else ""
+    elif isinstance(resolved, str) and Path(resolved.rpartition(":")[0]).is_file():
+        used, how = resolved, "by its absolute path"
+    else:
+        tried = spec + (f" or {resolved}" if isinstance(resolved, str) else "")
+        raise ModelSpecError(
+            f"{source} names the model file {tried}, which does not exist here", hint=hint
+        )
+    check_recorded_spec(used, source)
+    return used, f"model spec {used} from {source}" + (f" ({how})" if how else "")
 
 
 def _looks_like_file(target: str) -> bool:

@@ -22,13 +22,13 @@ The float model is never touched: tensors are cloned into the QAT modules.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,15 @@ from torch import nn
 
 from qatconv.config import Loss, Mode, Optimizer, QuantConfig, QuantScheme, TrainConfig
 from qatconv.errors import BadInputError, DataError, QatconvError
+from qatconv.modelcopy import copy_model
+from qatconv.outputs import (
+    Outputs,
+    first_output,
+    flat_cat,
+    flatten_outputs,
+    forward_outputs,
+    require_same_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,9 +370,9 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
                 yield idx
 
 
-def _forward_batches(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return torch.cat(outs)
+def _forward_batches(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    for i in range(0, len(inputs), batch_size):
+        model(inputs[i : i + batch_size])
 
 
 def calibrate_(
@@ -436,7 +445,7 @@ def _check_targets(
         set_fake_quant_(model, fake_quant=False, observer=False)
         model.eval()
         with torch.no_grad():
-            out = model(inputs[:2])
+            out = first_output(model(inputs[:2]), 2)
     finally:
         model.train(was_training)
         for m, (fq_on, obs_on) in zip(fqs, saved):
@@ -511,7 +520,7 @@ def finetune_(
             raise ValueError("distill needs the float model")
         with torch.no_grad():
             teacher.eval()
-            goal = _forward_batches(teacher, inputs, 1024).detach()
+            goal: Any = forward_outputs(teacher, inputs, 1024)
     else:
         if targets is None:
             raise DataError(
@@ -547,8 +556,7 @@ def finetune_(
                     m.input_fake_quant.disable_observer()
             result.observers_frozen_at = step
         idx = next(batches)
-        out = model(inputs[idx])
-        loss = criterion(out, goal[idx])
+        loss = _step_loss(criterion, model(inputs[idx]), goal, idx)
         if not torch.isfinite(loss):
             raise BadInputError(
                 f"loss became {loss.item()} at step {step}",
@@ -581,25 +589,58 @@ def _start_input_ranges_(model: nn.Module, inputs: torch.Tensor, batch_size: int
     observe_input_ranges_(model, inputs, batch_size)
 
 
+def _step_loss(
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    out: object,
+    goal: Outputs | torch.Tensor,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """Distillation: the sum of the per-output losses; labels: the loss on the first output."""
+    if isinstance(goal, torch.Tensor):
+        return criterion(first_output(out, len(idx)), goal[idx])
+    got = flatten_outputs(out, batch=len(idx))
+    require_same_names(goal, got, "the float model", "the QAT model")
+    return sum((criterion(o, g[idx]) for o, g in zip(got.tensors, goal.tensors)),
+               torch.zeros((), device=idx.device))
+
+
 def simulated_metrics(
     qat_model: nn.Module, float_model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Agreement of the int8-simulated QAT model (fake quant on, eval) with the float model.
 
-    Returns ``relative_mse`` always and ``top1_agreement`` when outputs are (N, classes).
+    Returns ``relative_mse`` over all outputs always, ``top1_agreement`` when the model has one
+    (N, classes) output, and ``outputs`` (the same per output name) when it has several.
     """
     qat_model.eval()
     float_model.eval()
     with torch.no_grad():
         set_fake_quant_(qat_model, fake_quant=True, observer=False)
-        q = _forward_batches(qat_model, inputs, batch_size).double()
-        f = _forward_batches(float_model, inputs, batch_size).double()
-    denom = float((f * f).mean())
-    metrics = {"relative_mse": float(((q - f) ** 2).mean()) / denom if denom > 0 else math.nan}
-    if q.dim() == 2 and q.shape[1] > 1:
-        metrics["top1_agreement"] = float((q.argmax(1) == f.argmax(1)).double().mean())
+        q = forward_outputs(qat_model, inputs, batch_size)
+        f = forward_outputs(float_model, inputs, batch_size)
+    require_same_names(f, q, "the float model", "the QAT model")
+    metrics: dict[str, Any] = _agreement(flat_cat(q, torch.float64), flat_cat(f, torch.float64))
+    if len(f) == 1:
+        metrics.update(_top1(q.tensors[0], f.tensors[0]))
+    else:
+        metrics["outputs"] = {
+            name: {**_agreement(a.double(), b.double()), **_top1(a, b)}
+            for name, a, b in zip(f.names, q.tensors, f.tensors)
+        }
     return metrics
 
 
+def _agreement(q: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
+    denom = float((f * f).mean()) if f.numel() else 0.0
+    return {"relative_mse": float(((q - f) ** 2).mean()) / denom if denom > 0 else math.nan}
+
+
+def _top1(q: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
+    if q.dim() == 2 and q.shape[1] > 1:
+        return {"top1_agreement": float((q.argmax(1) == f.argmax(1)).double().mean())}
+    return {}
+
+
 def deepcopy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
+    """A copy that survives weight_norm, parametrizations and hooks (`qatconv.modelcopy`)."""
+    return copy_model(model)

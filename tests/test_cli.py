@@ -322,10 +322,16 @@ def test_fold_check_failure_exits_4(cli: Any, tmp_path: Path, qat_ckpt: Path) ->
     assert cli("fold", qat_ckpt, "-o", out, "--check", CALIB, "--quiet").code == 0
 
 
-def test_errors_leave_stdout_empty_under_json(cli: Any, tmp_path: Path) -> None:
+def test_errors_under_json_print_one_error_object(cli: Any, tmp_path: Path) -> None:
     r = cli("fold", tmp_path / "missing.safetensors", "-o", tmp_path / "f.safetensors", "--json")
     assert_error_lines(r, 3)
-    assert r.out == ""
+    line = r.err.splitlines()[0]
+    obj = r.json()
+    assert obj == {"error": line.removeprefix("error: "), "hint": obj["hint"], "exit_code": 3}
+    assert obj["hint"] and f"hint: {obj['hint']}" in r.err
+    # A usage error (click rejects the flag) is one object too, with exit code 2.
+    r = cli("fold", "-o", tmp_path / "f.safetensors", "--no-such-flag", "--json")
+    assert r.code == 2 and r.json()["exit_code"] == 2 and "--no-such-flag" in r.json()["error"]
 
 
 def test_sharded_fold_json_output_names_the_index(

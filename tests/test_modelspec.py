@@ -286,3 +286,129 @@ def test_error_builtin_callable_returning_tensor() -> None:
     # A C callable without an inspectable signature still gets a clean error.
     assert "returned a Tensor" in spec_error("torch:ones", {"size": [2]}).message
     assert "TypeError" in spec_error("torch:zeros").message
+
+
+# ------------------------------------------------------------- specs recorded in checkpoints
+
+RECORDED_PY = """
+import functools
+from pathlib import Path
+from subprocess import run
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def build(hidden: int = 4):
+    return Net(hidden)
+
+
+def where() -> Path:
+    return Path(".")
+
+
+class Config:
+    pass
+
+
+partial_build = functools.partial(build, 5)
+"""
+
+
+def test_recorded_spec_accepts_factories_and_refuses_non_model_code(tmp_path: Path) -> None:
+    from qatconv.modelspec import check_recorded_spec
+
+    (tmp_path / "rec.py").write_text(RECORDED_PY)
+    f = tmp_path / "rec.py"
+    for ok in (f"{f}:Net", f"{f}:build", "torch.nn:Linear"):
+        check_recorded_spec(ok, "ck")
+    refused = {
+        f"{f}:run": "subprocess.run, not a function defined in that file",
+        f"{f}:where": "returns Path",
+        f"{f}:Config": "not an nn.Module",
+        f"{f}:partial_build": "partial, not a class or a function",
+        "subprocess:run": "not model code",
+        "torch.hub:load": "not a model factory",
+        "numpy:load": "not a model factory",
+        f"{Path(__import__('subprocess').__file__)}:run": "not model code",
+    }
+    for spec, why in refused.items():
+        with pytest.raises(ModelSpecError, match="ck") as info:
+            check_recorded_spec(spec, "ck")
+        assert why in info.value.message, (spec, info.value.message)
+
+
+def test_recorded_spec_is_relative_with_an_absolute_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qatconv.modelspec import record_spec, spec_from_record
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "rec.py").write_text(RECORDED_PY)
+    monkeypatch.chdir(project)
+    rec = record_spec(f"{project / 'models' / 'rec.py'}:build")
+    assert rec == {"spec": "models/rec.py:build",
+                   "spec_resolved": f"{(project / 'models' / 'rec.py').as_posix()}:build"}
+    assert record_spec("torch.nn:Linear") == {"spec": "torch.nn:Linear"}
+    spec, how = spec_from_record(rec, "ck")
+    assert spec == "models/rec.py:build" and "relative to the working directory" in how
+    monkeypatch.chdir(tmp_path)  # another folder: the relative form misses, the absolute finds
+    spec, how = spec_from_record(rec, "ck")
+    assert spec == rec["spec_resolved"] and "absolute path" in how
+    moved = tmp_path / "moved"
+    (project).rename(moved)  # the project moved: run from its new root, the relative form wins
+    monkeypatch.chdir(moved)
+    spec, how = spec_from_record(rec, "ck")
+    assert spec == "models/rec.py:build" and isinstance(build_model(spec), nn.Module)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSpecError, match="does not exist here"):
+        spec_from_record(rec, "ck")
+
+
+def test_model_free_check_of_a_factory_built_model(tmp_path: Path, cli: object,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare with a factory, then `fold QAT --check DATA` with no --model, from the project
+    folder and from elsewhere; the folded model matches the float model."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from qatconv import api
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rec.py").write_text(RECORDED_PY)
+    monkeypatch.chdir(project)
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    np.savez(project / "x.npz", inputs=x.numpy())
+    model = build_model("rec.py:build")
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    save_file(model.state_dict(), project / "w.safetensors")
+    r = cli("prepare", "-m", "rec.py:build", "-w", "w.safetensors", "--data", "x.npz",
+            "-o", "q.safetensors", "--quiet")
+    assert r.code == 0, r.err
+    r = cli("fold", "q.safetensors", "-o", "f.safetensors", "--check", "x.npz", "--json")
+    assert r.code == 0, r.err
+    assert "rec.py:build from the checkpoint (relative to the working directory)" in r.err
+    monkeypatch.chdir(tmp_path)
+    r = cli("fold", project / "q.safetensors", "-o", "f2.safetensors", "--check",
+            project / "x.npz")
+    assert r.code == 0, r.err
+    assert "(by its absolute path)" in r.err
+    folded = api.load_folded(build_model(f"{project / 'rec.py'}:build"), "f2.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
