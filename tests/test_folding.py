@@ -23,8 +23,9 @@ from torch.ao.quantization import (
 )
 
 import qatconv.folding as fold_mod
-from qatconv import st_format
+from qatconv import fold_stream, st_format
 from qatconv.errors import CheckpointError, OutputError, UsageError
+from qatconv.fold_plan import ST_DTYPES
 from qatconv.folding import FoldPair, fold_file, fold_state_dict, fold_weights
 
 QCONFIG = get_default_qat_qconfig("x86")
@@ -294,7 +295,7 @@ def test_blockwise_fold_equals_whole_tensor_fold(
     save_file(tensors, src)
     expected = save(fold_state_dict(tensors, pairs), metadata={"format": "pt"})
     for chunk in (1, 7, 26, 10**9):  # 1 row per block, partial last block, one block
-        monkeypatch.setattr(fold_mod, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", chunk)
         out = tmp_path / f"out{chunk}.safetensors"
         fold_file(src, out, pairs, metadata={})
         assert out.read_bytes() == expected
@@ -336,7 +337,7 @@ def test_output_is_deterministic_whatever_the_source_order(tmp_path: Path) -> No
         if i < 2:
             save_file(sd, src)
         else:
-            entries = [(k, fold_mod._ST_DTYPES[v.dtype], tuple(v.shape)) for k, v in sd.items()]
+            entries = [(k, ST_DTYPES[v.dtype], tuple(v.shape)) for k, v in sd.items()]
             with st_format.StreamWriter(src, entries, {}) as w:
                 for k, v in sd.items():
                     w.write(k, _bytes(v))
@@ -435,7 +436,7 @@ def test_failures_while_streaming_stop_the_writes_and_clean_up(
     tensors, records = _float_checkpoint(seed=6)
     pairs = [FoldPair.from_float_record(r) for r in records]
     src = tmp_path / "in.safetensors"
-    monkeypatch.setattr(fold_mod, "CHUNK_ELEMENTS", 5)  # one row per block: many queued writes
+    monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 5)  # one row per block: many queued writes
     # A write fails on the background thread (disk full): the error surfaces, nothing stays.
     calls = {"n": 0}
     real = st_format.StreamWriter.write_chunk

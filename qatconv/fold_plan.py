@@ -1,0 +1,475 @@
+"""Fold planning: which tensors a fold reads, drops and writes, checked before anything is written.
+
+`make_plan` validates the pairs against a checkpoint's tensor table (name -> dtype, shape) and
+computes everything but the folded weights (per-pair BN scale, folded bias, quant params); the
+in-memory fold (`fold_state_dict`, here) and the streaming one (`fold_stream.fold_file`) both
+execute a plan, so both produce the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qatconv.errors import CheckpointError, UsageError
+from qatconv.fold_math import bn_scale, fold_bias
+
+__all__ = ["FoldPair", "FoldReport", "fold_state_dict", "make_plan"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_INT_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+
+TensorInfos = Mapping[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
+
+
+@dataclass(frozen=True)
+class FoldPair:
+    """Where one pair's tensors live in a checkpoint, and what folding it writes.
+
+    The folded weight and bias are written as ``<linear>.weight`` / ``<linear>.bias``; every
+    tensor named by a ``*_key`` and every tensor under a ``drop_prefixes`` entry (module paths
+    ending in ".") is removed. ``quant_min`` / ``quant_max`` (the weight fake-quant's integer
+    range, when known) only feed the reported quant params.
+    """
+
+    linear: str
+    weight_key: str
+    bias_key: str | None
+    gamma_key: str | None
+    beta_key: str | None
+    mean_key: str
+    var_key: str
+    eps: float
+    drop_prefixes: tuple[str, ...] = ()
+    scale_key: str | None = None
+    zero_point_key: str | None = None
+    quant_min: int | None = None
+    quant_max: int | None = None
+
+    def __post_init__(self) -> None:
+        for p in self.drop_prefixes:
+            if not p.endswith("."):
+                raise ValueError(f"drop prefix {p!r} must be a module path ending in '.'")
+        if (self.scale_key is None) != (self.zero_point_key is None):
+            raise ValueError("scale_key and zero_point_key go together")
+
+    @property
+    def out_weight(self) -> str:
+        return f"{self.linear}.weight"
+
+    @property
+    def out_bias(self) -> str:
+        return f"{self.linear}.bias"
+
+    def source_keys(self) -> list[str]:
+        """The tensors this pair reads, weight first."""
+        keys = [self.weight_key, self.bias_key, self.mean_key, self.var_key, self.gamma_key,
+                self.beta_key, self.scale_key, self.zero_point_key]  # fmt: skip
+        return [k for k in keys if k is not None]
+
+    @classmethod
+    def from_qat_record(
+        cls, record: Mapping[str, Any], quant_range: tuple[int, int] | None = None
+    ) -> FoldPair:
+        """The pair of a QAT checkpoint: a ``LinearBn1d`` at ``record["qat"]``.
+
+        ``quant_range`` (the weight fake-quant's ``(quant_min, quant_max)``, e.g. from the
+        checkpoint's metadata) is used when the record has no ``quant_min`` / ``quant_max``.
+
+        Raises:
+            CheckpointError: the record lacks a field or has one of the wrong type.
+        """
+        q = record_field(record, "qat", str)
+        linear = record_field(record, "linear", str)
+        has_bias = record_field(record, "bias", bool)
+        qmin, qmax = record.get("quant_min"), record.get("quant_max")
+        if not (isinstance(qmin, int) and isinstance(qmax, int)) and quant_range is not None:
+            qmin, qmax = quant_range
+        return cls(
+            linear=linear,
+            weight_key=f"{q}.weight",
+            bias_key=f"{q}.bias" if has_bias else None,
+            # LinearBn1d's BN is always affine; affine=False pairs are stored as ones/zeros.
+            gamma_key=f"{q}.bn.weight",
+            beta_key=f"{q}.bn.bias",
+            mean_key=f"{q}.bn.running_mean",
+            var_key=f"{q}.bn.running_var",
+            eps=float(record_field(record, "eps", (int, float))),
+            drop_prefixes=(f"{q}.bn.", f"{q}.weight_fake_quant.", f"{q}.activation_post_process."),
+            scale_key=f"{q}.weight_fake_quant.scale",
+            zero_point_key=f"{q}.weight_fake_quant.zero_point",
+            quant_min=qmin if isinstance(qmin, int) else None,
+            quant_max=qmax if isinstance(qmax, int) else None,
+        )
+
+    @classmethod
+    def from_float_record(cls, record: Mapping[str, Any]) -> FoldPair:
+        """The pair of a float checkpoint: Linear at ``record["linear"]``, BN at ``record["bn"]``.
+
+        Raises:
+            CheckpointError: the record lacks a field or has one of the wrong type.
+        """
+        lin = record_field(record, "linear", str)
+        bn = record_field(record, "bn", str)
+        has_bias = record_field(record, "bias", bool)
+        affine = record.get("affine", True)
+        if not isinstance(affine, bool):
+            raise CheckpointError(f"pair record {record!r}: 'affine' must be true or false")
+        return cls(
+            linear=lin,
+            weight_key=f"{lin}.weight",
+            bias_key=f"{lin}.bias" if has_bias else None,
+            gamma_key=f"{bn}.weight" if affine else None,
+            beta_key=f"{bn}.bias" if affine else None,
+            mean_key=f"{bn}.running_mean",
+            var_key=f"{bn}.running_var",
+            eps=float(record_field(record, "eps", (int, float))),
+            drop_prefixes=(f"{bn}.",),
+        )
+
+
+@dataclass
+class FoldReport:
+    """What a fold did.
+
+    ``pairs``: the Linear paths folded. ``removed``: source tensor names not in the output
+    (BN and fake-quant state). ``bytes_in`` / ``bytes_out``: sizes of the safetensors files
+    read / written (0 in memory). ``files``: files written (shards, then the index).
+    ``qparams``: per pair with fake-quant state, ``{"scheme": "symmetric"|"asymmetric",
+    "granularity": "channel"|"tensor", and "quant_min", "quant_max", "bits" when known}``.
+    """
+
+    pairs: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    files: list[Path] = field(default_factory=list)
+    qparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning (shared by the in-memory and the streaming fold)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PairPlan:
+    pair: FoldPair
+    weight_dtype: str
+    shape: tuple[int, int]
+    scale: torch.Tensor  # float64 (out,)
+    bias: torch.Tensor  # folded, in the output bias dtype
+    extra: dict[str, torch.Tensor]  # qparam tensors to emit, by output name
+    qparams: dict[str, Any] | None
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str | None = None  # pass-through: the source tensor's name
+    pair: PairPlan | None = None  # folded weight of this pair
+    tensor: torch.Tensor | None = None  # small tensor computed up front
+
+
+@dataclass
+class Plan:
+    outputs: list[OutTensor]  # in source order
+    removed: list[str]
+    pairs: list[PairPlan]
+
+
+def make_plan(
+    infos: TensorInfos,
+    load: Callable[[str], torch.Tensor],
+    pairs: Sequence[FoldPair],
+    emit_qparams: bool,
+    where: str,
+) -> Plan:
+    """Validate ``pairs`` against the source (name -> (dtype, shape), in source order) and
+    compute everything but the folded weights."""
+    if emit_qparams:
+        _check_qparams_exist(pairs)
+    claimed = _claim_tensors(infos, pairs, where)
+    prefixes = {pre for p in pairs for pre in p.drop_prefixes}
+    plans = [_plan_pair(p, infos, load, emit_qparams) for p in pairs]
+    outputs = _outputs(infos, plans, lambda name: _dropped(name, claimed, prefixes))
+    seen = _unique_outputs(outputs, where)
+    removed = sorted(n for n in infos if n not in seen)
+    return Plan(outputs, removed, plans)
+
+
+def _check_qparams_exist(pairs: Sequence[FoldPair]) -> None:
+    no_q = [p.linear for p in pairs if p.scale_key is None]
+    if no_q:
+        raise UsageError(
+            f"--emit-qparams needs fake-quant state, and pair(s) {', '.join(no_q[:3])} "
+            "have none (a float checkpoint has no quant params)",
+            hint="fold a QAT checkpoint written by `qatconv prepare`, or drop --emit-qparams",
+        )
+
+
+def _claim_tensors(infos: TensorInfos, pairs: Sequence[FoldPair], where: str) -> dict[str, str]:
+    """Source tensor -> the Linear of the one pair that reads it; every one must exist."""
+    claimed: dict[str, str] = {}
+    linears: set[str] = set()
+    for p in pairs:
+        if p.linear in linears:
+            raise CheckpointError(f"Linear {p.linear!r} appears in two pairs")
+        linears.add(p.linear)
+        for k in p.source_keys():
+            if k in claimed:
+                raise CheckpointError(
+                    f"tensor {k!r} belongs to pairs {claimed[k]!r} and {p.linear!r}"
+                )
+            claimed[k] = p.linear
+        missing = [k for k in p.source_keys() if k not in infos]
+        if missing:
+            raise CheckpointError(
+                f"pair {p.linear!r}: tensor {missing[0]!r} is missing from {where}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                hint="the pairs do not match this checkpoint: check --model, or that the file "
+                "is the one `qatconv prepare` wrote",
+            )
+    return claimed
+
+
+def _dropped(name: str, claimed: Mapping[str, str], prefixes: set[str]) -> bool:
+    if name in claimed:
+        return True
+    cut = name.find(".")
+    while cut != -1:
+        if name[: cut + 1] in prefixes:
+            return True
+        cut = name.find(".", cut + 1)
+    return False
+
+
+def _outputs(
+    infos: TensorInfos, plans: Sequence[PairPlan], dropped: Callable[[str], bool]
+) -> list[OutTensor]:
+    """The output tensors in source order: each folded weight where its source weight was,
+    followed by its bias and qparam tensors; pass-through tensors as they come."""
+    by_weight = {pp.pair.weight_key: pp for pp in plans}
+    outputs: list[OutTensor] = []
+    for name, (dtype, shape) in infos.items():
+        pp = by_weight.get(name)
+        if pp is not None:
+            p = pp.pair
+            outputs.append(OutTensor(p.out_weight, pp.weight_dtype, pp.shape, pair=pp))
+            outputs.append(
+                OutTensor(p.out_bias, ST_DTYPES[pp.bias.dtype], (pp.shape[0],), tensor=pp.bias)
+            )
+            for qname, t in pp.extra.items():
+                outputs.append(OutTensor(qname, ST_DTYPES[t.dtype], tuple(t.shape), tensor=t))
+        elif not dropped(name):
+            outputs.append(OutTensor(name, dtype, shape, source=name))
+    return outputs
+
+
+def _unique_outputs(outputs: Sequence[OutTensor], where: str) -> dict[str, OutTensor]:
+    seen: dict[str, OutTensor] = {}
+    for o in outputs:
+        if o.name in seen:
+            raise CheckpointError(
+                f"folding would write tensor {o.name!r} twice: {where} already holds it "
+                "beside the pair that produces it",
+                hint="a pair record says bias=false while the checkpoint has the Linear's bias?",
+            )
+        seen[o.name] = o
+    return seen
+
+
+def _plan_pair(
+    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], emit_qparams: bool
+) -> PairPlan:
+    w_dtype, w_shape = _check_weight(p, infos)
+    out = w_shape[0]
+    vecs = _load_vectors(p, infos, load, out)
+    _check_statistics(p, vecs, out)
+    mean, var = vecs["running_mean"], vecs["running_var"]
+    assert mean is not None and var is not None  # keys are mandatory
+    bias, gamma, beta = vecs["bias"], vecs["BN weight"], vecs["BN bias"]
+    s = bn_scale(var, p.eps, gamma)
+    bias_dtype = bias.dtype if bias is not None else TORCH_DTYPES[w_dtype]
+    folded_bias = fold_bias(bias, mean, s, beta, bias_dtype, out)
+    if not bool(torch.isfinite(s).all()) or not bool(torch.isfinite(folded_bias).all()):
+        raise CheckpointError(
+            f"pair {p.linear!r}: the folded bias overflows {ST_DTYPES[bias_dtype]} "
+            f"(gamma / sqrt(running_var + eps) reaches {float(s.abs().max()):.3g})"
+        )
+    extra: dict[str, torch.Tensor] = {}
+    qparams = None
+    if p.scale_key is not None and p.zero_point_key is not None:
+        qparams, extra = _qparams(p, infos, load, out, emit_qparams)
+    return PairPlan(p, w_dtype, (out, w_shape[1]), s, folded_bias, extra, qparams)
+
+
+def _check_weight(p: FoldPair, infos: TensorInfos) -> tuple[str, tuple[int, ...]]:
+    w_dtype, w_shape = infos[p.weight_key]
+    if w_dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"pair {p.linear!r}: weight {p.weight_key!r} is {w_dtype}; folding supports "
+            f"{', '.join(_FLOAT_DTYPES)}"
+        )
+    if len(w_shape) != 2:
+        raise CheckpointError(
+            f"pair {p.linear!r}: weight {p.weight_key!r} has shape {list(w_shape)}, not (out, in)"
+        )
+    return w_dtype, w_shape
+
+
+def _load_vectors(
+    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], out: int
+) -> dict[str, torch.Tensor | None]:
+    """The pair's per-channel vectors by role (None: absent), each a float (out,) vector."""
+    vecs: dict[str, torch.Tensor | None] = {}
+    for what, key in (("bias", p.bias_key), ("running_mean", p.mean_key),
+                      ("running_var", p.var_key), ("BN weight", p.gamma_key),
+                      ("BN bias", p.beta_key)):  # fmt: skip
+        if key is None:
+            vecs[what] = None
+            continue
+        dtype, shape = infos[key]
+        if dtype not in _FLOAT_DTYPES or shape != (out,):
+            raise CheckpointError(
+                f"pair {p.linear!r}: {what} {key!r} is {dtype} {list(shape)}; expected a float "
+                f"vector of the weight's {out} output channels"
+            )
+        vecs[what] = load(key)
+    return vecs
+
+
+def _check_statistics(p: FoldPair, vecs: Mapping[str, torch.Tensor | None], out: int) -> None:
+    if not math.isfinite(p.eps):
+        raise CheckpointError(f"pair {p.linear!r}: eps is {p.eps}")
+    for what, t in vecs.items():
+        if t is not None:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"pair {p.linear!r}: {what} has non-finite values in {bad} of {out} channels",
+                    hint="the checkpoint is corrupt or training diverged; folding would spread "
+                    "NaN/inf into the weights",
+                )
+    var = vecs["running_var"]
+    assert var is not None
+    bad = int((var.to(torch.float64) + p.eps <= 0).sum())
+    if bad:
+        raise CheckpointError(
+            f"pair {p.linear!r}: running_var + eps <= 0 in {bad} of {out} channels",
+            hint="a variance must be positive: the BN statistics are corrupt",
+        )
+
+
+def _qparams(
+    p: FoldPair,
+    infos: TensorInfos,
+    load: Callable[[str], torch.Tensor],
+    out: int,
+    emit: bool,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    assert p.scale_key is not None and p.zero_point_key is not None
+    (s_dtype, s_shape), (z_dtype, z_shape) = infos[p.scale_key], infos[p.zero_point_key]
+    if s_dtype not in _FLOAT_DTYPES or z_dtype not in _INT_DTYPES or s_shape != z_shape:
+        raise CheckpointError(
+            f"pair {p.linear!r}: fake-quant scale {s_dtype} {list(s_shape)} / zero_point "
+            f"{z_dtype} {list(z_shape)} are not float / integer vectors of one shape"
+        )
+    if s_shape not in ((out,), (1,)):
+        raise CheckpointError(
+            f"pair {p.linear!r}: fake-quant scale has shape {list(s_shape)}; expected one "
+            f"value per output channel ({out}) or one for the tensor",
+            hint="was the observer ever run? calibrate the QAT model before folding",
+        )
+    scale, zp = load(p.scale_key), load(p.zero_point_key).to(torch.int64)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise CheckpointError(f"pair {p.linear!r}: fake-quant scale has values <= 0 or non-finite")
+    asym = bool((zp != 0).any())
+    info: dict[str, Any] = {
+        "scheme": "asymmetric" if asym else "symmetric",
+        "granularity": "channel" if s_shape == (out,) and out != 1 else "tensor",
+    }
+    if p.quant_min is not None and p.quant_max is not None:
+        info["quant_min"], info["quant_max"] = p.quant_min, p.quant_max
+        info["bits"] = max(1, math.ceil(math.log2(p.quant_max - p.quant_min + 1)))
+    extra: dict[str, torch.Tensor] = {}
+    if emit:
+        extra[f"{p.linear}.weight_scale"] = scale.to(torch.float32).reshape(-1, 1).expand(out, 1)
+        if asym:
+            lo = p.quant_min if p.quant_min is not None else int(zp.min())
+            hi = p.quant_max if p.quant_max is not None else int(zp.max())
+            zp_dtype = torch.int8 if -128 <= lo and hi <= 127 else torch.int32
+            extra[f"{p.linear}.weight_zero_point"] = zp.to(zp_dtype).reshape(-1, 1).expand(out, 1)
+        extra = {k: v.contiguous() for k, v in extra.items()}
+    return info, extra
+
+
+# --------------------------------------------------------------------------------------------
+# In memory
+# --------------------------------------------------------------------------------------------
+def fold_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    pairs: Sequence[FoldPair],
+    *,
+    emit_qparams: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Fold ``pairs`` in a state dict; every other tensor passes through (the same object).
+
+    The result keeps the source order, with each folded bias (and, with ``emit_qparams``,
+    ``<linear>.weight_scale`` / ``.weight_zero_point``) right after its weight.
+
+    Raises:
+        CheckpointError: a pair's tensor is missing, mis-shaped or not finite.
+        UsageError: ``emit_qparams`` for pairs without fake-quant state.
+    """
+    infos: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for k, t in tensors.items():
+        infos[k] = (ST_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+    plan = make_plan(infos, lambda k: tensors[k], pairs, emit_qparams, "the state dict")
+    result: dict[str, torch.Tensor] = {}
+    for o in plan.outputs:
+        if o.source is not None:
+            result[o.name] = tensors[o.source]
+        elif o.tensor is not None:
+            result[o.name] = o.tensor
+        else:
+            assert o.pair is not None
+            w = tensors[o.pair.pair.weight_key]
+            folded = (w.to(torch.float64) * o.pair.scale.unsqueeze(-1)).to(w.dtype)
+            check_folded(o.pair.pair, folded)
+            result[o.name] = folded
+    return result
+
+
+def check_folded(p: FoldPair, folded: torch.Tensor) -> None:
+    if not bool(torch.isfinite(folded).all()):
+        bad = int((~torch.isfinite(folded)).sum())
+        raise CheckpointError(
+            f"pair {p.linear!r}: {bad} folded weight values are not finite in "
+            f"{ST_DTYPES[folded.dtype]}",
+            hint="the source weight holds NaN/inf, or gamma / sqrt(running_var + eps) is so "
+            "large that the weight overflows its dtype",
+        )
+
+
+def record_field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = record.get(key) if isinstance(record, Mapping) else None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise CheckpointError(
+            f"pair record {record!r} has no valid {key!r}",
+            hint="the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`",
+        )
+    return value

@@ -1,0 +1,517 @@
+"""The streaming fold, file to file: plan, then write shards through a background write queue.
+
+`fold_file` never maps or loads the checkpoint: headers are parsed without torch, tensors that
+pass through are copied file to file inside the kernel, and each folded weight is read,
+scaled and written a block of rows at a time through one reused buffer, so memory stays a
+few tens of MB whatever the checkpoint's size. `fold_plan.fold_state_dict` does the same in
+memory, and both produce the same tensors (and, saved with safetensors, the same bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from qatconv import st_format
+from qatconv.errors import CheckpointError, OutputError, UsageError
+from qatconv.fold_plan import (
+    TORCH_DTYPES,
+    FoldPair,
+    FoldReport,
+    OutTensor,
+    PairPlan,
+    Plan,
+    check_folded,
+    make_plan,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["fold_file"]
+
+# Weights are folded this many elements at a time: 16 MiB of float64 per block.
+CHUNK_ELEMENTS = 1 << 21
+
+_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass
+class _Source:
+    headers: list[st_format.Header]
+    where: dict[str, int]  # tensor name -> index into headers
+    index: Path | None = None
+    fds: list[int] = field(default_factory=list)  # one open descriptor per header, once opened
+
+    @property
+    def paths(self) -> list[Path]:
+        return [h.path for h in self.headers] + ([self.index] if self.index else [])
+
+    def infos(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Tensor name -> (dtype, shape), in source order."""
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, i in self.where.items():
+            info = self.headers[i].tensors[name]
+            out[name] = (info.dtype, info.shape)
+        return out
+
+    def open_(self, stack: ExitStack) -> None:
+        for h in self.headers:
+            try:
+                fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CheckpointError(f"cannot read {h.path}: {e.strerror or e}") from None
+            stack.callback(os.close, fd)
+            self.fds.append(fd)
+
+    def load(self, name: str) -> torch.Tensor:
+        i = self.where[name]
+        return _load_small(self.fds[i], self.headers[i], name)
+
+
+def _open_source(src: Path) -> _Source:
+    src = Path(src)
+    if src.is_dir():
+        indexes = sorted(src.glob("*" + _INDEX_SUFFIX))
+        singles = sorted(src.glob("*.safetensors"))
+        if len(indexes) == 1:
+            src = indexes[0]
+        elif not indexes and len(singles) == 1:
+            src = singles[0]
+        else:
+            raise CheckpointError(
+                f"{src} is a folder without exactly one *{_INDEX_SUFFIX} or one .safetensors",
+                hint="name the checkpoint file (or its index) itself",
+            )
+    if src.name.endswith(_INDEX_SUFFIX):
+        weight_map = st_format.read_index(src)
+        files = list(dict.fromkeys(weight_map.values()))
+        headers = [st_format.read_header(f) for f in files]
+        where: dict[str, int] = {}
+        for i, h in enumerate(headers):
+            for name in sorted(h.tensors, key=lambda n: h.tensors[n].begin):
+                if name in where:
+                    raise CheckpointError(
+                        f"tensor {name!r} is in both {headers[where[name]].path.name} and "
+                        f"{h.path.name}"
+                    )
+                where[name] = i
+        for name, f in weight_map.items():
+            if name not in where or headers[where[name]].path != f:
+                raise CheckpointError(
+                    f"{src}: weight_map puts {name!r} in {f.name}, which does not hold it"
+                )
+        return _Source(headers, where, src)
+    h = st_format.read_header(src)
+    return _Source([h], {n: 0 for n in sorted(h.tensors, key=lambda n: h.tensors[n].begin)})
+
+
+def _load_small(fd: int, header: st_format.Header, name: str) -> torch.Tensor:
+    info = header.tensors[name]
+    dtype = TORCH_DTYPES[info.dtype]
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    data = bytearray(st_format.read_tensor_bytes(fd, header, name))
+    return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+
+
+def fold_file(
+    src: Path,
+    out: Path,
+    pairs: Sequence[FoldPair],
+    *,
+    metadata: Mapping[str, str] | Callable[[FoldReport], Mapping[str, str]],
+    emit_qparams: bool = False,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    on_pair: Callable[[str], None] | None = None,
+    fsync: bool = True,
+) -> FoldReport:
+    """Fold ``pairs`` from a safetensors checkpoint into a new one, streaming.
+
+    ``src`` is a ``.safetensors`` file, a ``*.safetensors.index.json`` (all its shards are
+    read as one checkpoint) or a folder holding exactly one of either. Tensors are written in
+    safetensors' canonical order (dtype, then name); pass-through tensors are copied
+    bit-identically, each folded weight block by block in float64. ``metadata`` (``format:
+    pt`` is added) may be a callable that receives the report before anything is written
+    (pairs, removed, qparams, bytes_in known), to record those in the header.
+
+    With ``max_shard_size`` (bytes of tensor data per shard), ``out`` names the index file:
+    ``model-0000k-of-0000N.safetensors`` shards and the index are written in its folder; a
+    tensor larger than the limit gets a shard of its own. Every file is written to a temp file
+    and renamed once all are complete, so a failure leaves no output.
+
+    Args:
+        on_pair: called with each Linear path once its folded weight is written.
+        fsync: flush each file to disk before the rename (on by default).
+
+    Raises:
+        CheckpointError: unreadable source, or a pair's tensor missing / mis-shaped / not
+            finite (the message names the pair and the tensor).
+        OutputError: ``out`` is an input, exists without ``force``, or cannot be written.
+        UsageError: ``emit_qparams`` without fake-quant state; bad ``max_shard_size``.
+    """
+    out = _output_path(Path(out), max_shard_size)
+    source = _open_source(src)
+    _refuse_input_as_output(source.paths, [out])
+    with ExitStack() as stack:
+        source.open_(stack)
+        plan = make_plan(source.infos(), source.load, pairs, emit_qparams, str(src))
+        report = _report(plan, source)
+        meta = dict(metadata(report) if callable(metadata) else metadata)
+        ordered = st_format.canonical_order([(o.name, o.dtype, o.shape) for o in plan.outputs])
+        shards = _split(ordered, max_shard_size)
+        targets = _target_paths(out, len(shards), max_shard_size is not None)
+        _check_targets(source, targets, force)
+        index = _index_json(shards, targets, meta) if max_shard_size is not None else None
+        writers = _write_files(source, plan, shards, targets, meta, index, fsync, on_pair)
+    report.files = [w.final_path for w in writers]
+    report.bytes_out = sum(w.size for w in writers[: len(shards)])
+    logger.info(
+        "folded %d pairs from %s into %s (%d tensors removed)",
+        len(report.pairs), src, out, len(report.removed),
+    )  # fmt: skip
+    return report
+
+
+def _output_path(out: Path, max_shard_size: int | None) -> Path:
+    """``out`` checked against ``max_shard_size``; with sharding, the index file's path."""
+    if max_shard_size is not None and max_shard_size <= 0:
+        raise UsageError(f"--max-shard-size must be positive, got {max_shard_size}")
+    if max_shard_size is None and out.name.endswith(_INDEX_SUFFIX):
+        raise UsageError(
+            f"{out.name} names a shard index, but no --max-shard-size was given",
+            hint="pass --max-shard-size (e.g. 2GB) or an output ending in .safetensors",
+        )
+    if max_shard_size is not None and (out.is_dir() or not out.name.endswith(".json")):
+        out = (out if out.is_dir() else out.parent) / "model.safetensors.index.json"
+    return out
+
+
+def _report(plan: Plan, source: _Source) -> FoldReport:
+    return FoldReport(
+        pairs=[pp.pair.linear for pp in plan.pairs],
+        removed=plan.removed,
+        bytes_in=sum(h.file_size for h in source.headers),
+        qparams={pp.pair.linear: pp.qparams for pp in plan.pairs if pp.qparams is not None},
+    )
+
+
+def _check_targets(source: _Source, targets: Sequence[Path], force: bool) -> None:
+    _refuse_input_as_output(source.paths, targets)
+    existing = [t for t in targets if t.exists()]
+    if existing and not force:
+        raise OutputError(
+            f"{existing[0]} exists",
+            hint="pass --force to replace it, or choose another output path",
+        )
+
+
+_Entries = list[tuple[str, str, tuple[int, ...]]]
+
+
+def _write_files(
+    source: _Source,
+    plan: Plan,
+    shards: list[_Entries],
+    targets: list[Path],
+    meta: Mapping[str, str],
+    index: bytes | None,
+    fsync: bool,
+    on_pair: Callable[[str], None] | None,
+) -> list[_Pending]:
+    """Write every shard (and the index, when given) to temp files; rename all once all are
+    complete, or remove all on any failure."""
+    by_name = {o.name: o for o in plan.outputs}
+    writers: list[_Pending] = []
+    queue = _WriteQueue()
+    try:
+        buffers = _Buffers()
+        for entries, target in zip(shards, targets, strict=False):
+            writer = st_format.StreamWriter(target, entries, meta, fsync=fsync, commit=False)
+            writers.append(writer)
+            with writer:
+                _write_shard(queue, writer, [by_name[n] for n, _, _ in entries], source, buffers,
+                             on_pair)  # fmt: skip
+        if index is not None:
+            index_writer = _RawWriter(targets[-1], index, fsync)
+            writers.append(index_writer)
+            index_writer.write_now()
+        for w in writers:
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    finally:
+        queue.abort()
+    return writers
+
+
+def _write_shard(
+    queue: _WriteQueue,
+    writer: st_format.StreamWriter,
+    outputs: Sequence[OutTensor],
+    source: _Source,
+    buffers: _Buffers,
+    on_pair: Callable[[str], None] | None,
+) -> None:
+    """Queue every tensor of one shard (copy, small tensor or folded weight); wait for them."""
+    done = False
+    try:
+        for o in outputs:
+            if o.source is not None:
+                i = source.where[o.source]
+                h = source.headers[i]
+                info = h.tensors[o.source]
+                queue.submit(writer.copy_range, source.fds[i], h.data_start + info.begin,
+                             info.nbytes, o.name)  # fmt: skip
+            elif o.tensor is not None:
+                queue.submit(writer.write, o.name, _tensor_bytes(o.tensor))
+            else:
+                assert o.pair is not None
+                pp = o.pair
+                i = source.where[pp.pair.weight_key]
+                _stream_weight(queue, writer, source.fds[i], source.headers[i], pp, o.name,
+                               buffers)  # fmt: skip
+                if on_pair is not None:
+                    on_pair(pp.pair.linear)
+        queue.drain()
+        done = True
+    finally:
+        if not done:  # stop the writes before the temp file is removed
+            queue.abort()
+
+
+class _WriteQueue:
+    """Runs writer calls in order on one background thread.
+
+    Writing into the page cache is the slowest step of a fold; on its own thread it overlaps
+    with reading and scaling the next block (os.write, numpy and torch release the GIL).
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qatconv-fold-write")
+        self._pending: deque[Future[None]] = deque()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # raise a failed write now, not at the end
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def wait(self, future: Future[None]) -> None:
+        """Wait until ``future`` ran; raise the first failure among the calls up to it."""
+        while self._pending:
+            first = self._pending.popleft()
+            first.result()
+            if first is future:
+                return
+        future.result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abort(self) -> None:
+        """Cancel the calls not started, wait for the running one."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
+class _Buffers:
+    """Two read/write buffers (one filled while the other is written) and a float32 scratch,
+    reused for every block of every folded weight (grown, never shrunk)."""
+
+    def __init__(self) -> None:
+        self.raw = [bytearray(), bytearray()]
+        self.busy: list[Future[None] | None] = [None, None]  # pending write of each buffer
+        self.f32 = np.empty(0, dtype=np.float32)
+        self.turn = 0
+
+    def next(self, queue: _WriteQueue, nbytes: int, elements: int) -> tuple[int, bytearray]:
+        """The buffer to fill next, once its previous write is done."""
+        i = self.turn
+        self.turn = 1 - i
+        busy = self.busy[i]
+        if busy is not None:
+            queue.wait(busy)
+            self.busy[i] = None
+        if len(self.raw[i]) < nbytes:
+            self.raw[i] = bytearray(nbytes)
+        if self.f32.size < elements:
+            self.f32 = np.empty(elements, dtype=np.float32)
+        return i, self.raw[i]
+
+
+def _stream_weight(
+    queue: _WriteQueue,
+    writer: st_format.StreamWriter,
+    fd: int,
+    header: st_format.Header,
+    pp: PairPlan,
+    name: str,
+    buffers: _Buffers,
+) -> None:
+    """Fold one weight block by block: pread, scale in float64, cast, queue the write.
+
+    numpy's ufunc computes ``w * s`` in float64 in small internal buffers and casts each
+    result straight into the output, so a block costs about one pass over memory instead of
+    the four of torch's ``w.double().mul_(s).to(dtype)``; the bits are the same (exact
+    up-cast, one IEEE float64 product, round to nearest even). 16-bit weights go through
+    float32 because that is how torch casts float64 to float16 / bfloat16 (double rounding),
+    and the result must equal torch's.
+    """
+    rows, cols = pp.shape
+    if rows * cols == 0:
+        queue.submit(writer.write, name, b"")
+        return
+    itemsize = st_format.DTYPE_SIZES[pp.weight_dtype]
+    block = max(1, CHUNK_ELEMENTS // cols)
+    scale = pp.scale.numpy()
+    key = pp.pair.weight_key
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        n = (r1 - r0) * cols
+        slot, raw = buffers.next(queue, n * itemsize, n)
+        view = st_format.read_tensor_bytes(fd, header, key, r0, r1, out=raw)
+        s = scale[r0:r1, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            if pp.weight_dtype in ("F32", "F64"):
+                np_dtype = np.float32 if pp.weight_dtype == "F32" else np.float64
+                w = np.frombuffer(raw, dtype=np_dtype, count=n).reshape(r1 - r0, cols)
+                np.multiply(w, s, out=w, casting="unsafe")
+                total = float(w.sum())
+            else:
+                w16 = torch.frombuffer(raw, dtype=TORCH_DTYPES[pp.weight_dtype], count=n)
+                acc = buffers.f32[:n].reshape(r1 - r0, cols)
+                torch.from_numpy(acc).view(-1).copy_(w16)
+                np.multiply(acc, s, out=acc, casting="unsafe")
+                w16.copy_(torch.from_numpy(acc).view(-1))
+                total = float(w16.sum(dtype=torch.float32))
+        # A sum is finite unless some value is NaN/inf (or the sum overflows: then look closer).
+        if not math.isfinite(total):
+            check_folded(
+                pp.pair,
+                torch.frombuffer(raw, dtype=TORCH_DTYPES[pp.weight_dtype], count=n),
+            )
+        buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _split(
+    ordered: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int | None
+) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    if max_shard_size is None:
+        return [ordered]
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in ordered:
+        n = math.prod(entry[2]) * st_format.DTYPE_SIZES[entry[1]]
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def _target_paths(out: Path, n: int, sharded: bool) -> list[Path]:
+    if not sharded:
+        return [out]
+    names = [out.parent / f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    return names + [out]
+
+
+def _index_json(
+    shards: list[list[tuple[str, str, tuple[int, ...]]]],
+    targets: list[Path],
+    metadata: Mapping[str, str],
+) -> bytes:
+    weight_map = {name: t.name for entries, t in zip(shards, targets, strict=False)
+                  for name, _, _ in entries}  # fmt: skip
+    total = sum(math.prod(s) * st_format.DTYPE_SIZES[d] for es in shards for _, d, s in es)
+    meta: dict[str, Any] = {k: v for k, v in metadata.items() if k != "format"}
+    meta["total_size"] = total
+    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+class _Pending(Protocol):
+    """A finished temporary file waiting to be renamed onto ``final_path``."""
+
+    final_path: Path
+    size: int
+
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+class _RawWriter:
+    """Writes a small non-safetensors file (the index) to a temp file, renamed by commit()."""
+
+    def __init__(self, path: Path, data: bytes, fsync: bool) -> None:
+        self.final_path = path
+        self.temp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.data = data
+        self.size = len(data)
+        self._fsync = fsync
+
+    def write_now(self) -> None:
+        try:
+            fd = os.open(
+                self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
+            )
+            try:
+                os.write(fd, self.data)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"cannot write {self.final_path}: {e.strerror or e}") from None
+
+    def commit(self) -> None:
+        try:
+            os.replace(self.temp_path, self.final_path)
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"cannot write {self.final_path}: {e.strerror or e}") from None
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _refuse_input_as_output(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+    resolved = {Path(p).resolve() for p in inputs}
+    for o in outputs:
+        same = Path(o).resolve() in resolved or (
+            o.exists() and any(i.exists() and os.path.samefile(o, i) for i in inputs)
+        )
+        if same:
+            raise OutputError(
+                f"output {o} is one of the inputs",
+                hint="write the folded checkpoint to another path",
+            )
