@@ -240,9 +240,8 @@ def prepare(
     Returns:
         PrepareReport. Raises a `QatconvError` subclass on bad input.
     """
-    import torch
 
-    from qatconv import checkpoint, qat, validate
+    from qatconv import checkpoint, validate
     from qatconv import data as data_mod
 
     train = train or TrainConfig()
@@ -251,14 +250,7 @@ def prepare(
     started = time.perf_counter()
     inputs_paths = [p for p in (model_cfg.weights, data) if p is not None]
     checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
-    if model_cfg.weights is not None and _is_safetensors(model_cfg.weights):
-        stage = checkpoint.read_metadata(model_cfg.weights).get("stage")
-        if stage in ("qat", "folded"):
-            raise BadInputError(
-                f"{model_cfg.weights} is already a {stage} checkpoint written by qatconv",
-                hint="fold it: qatconv fold QAT.safetensors -o OUT.safetensors"
-                if stage == "qat" else "prepare starts from the float checkpoint",
-            )
+    _refuse_qatconv_output(model_cfg.weights)
     loaded = load_model(model_cfg)
     for n in loaded.notes:
         note(n)
@@ -268,14 +260,7 @@ def prepare(
             "no --weights: the model keeps the initialization its constructor gave it"
         )
     dataset = data_mod.load_data(data, target_column=target_column)
-    model = loaded.model
-    # The checkpoint's own dtype (loading casts into the model's float32 parameters).
-    source = loaded.tensors.values() if loaded.tensors else model.parameters()
-    dtypes = {t.dtype for t in source if t.is_floating_point()}
-    orig_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
-    if orig_dtype != torch.float32:
-        note(f"the model is {orig_dtype}; QAT runs in float32 (torch's fake quant needs it)")
-        model = model.float()
+    model, orig_dtype = _as_float32(loaded, note)
     inputs = dataset.inputs.float()
     _check_data_fits(model, inputs, data)
     scan = scan_pairs(model, _sample(inputs), strict=strict)
@@ -283,81 +268,13 @@ def prepare(
     records = [p.to_record() for p in scan.pairs]
     validate.check_model_state(model, records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
-    device = _pick_device(train.device.value)
-    torch.manual_seed(train.seed)
-    float_model = model.to(device)
-    qat_model = qat.deepcopy_model(float_model)
-    qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant))
-    qat_model.to(device)
-    inputs = inputs.to(device)
-    targets = dataset.targets.to(device) if dataset.targets is not None else None
-    result = None
-    if train.mode is Mode.calibrate:
-        qat.calibrate_(
-            qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=train.recalibrate_bn
-        )
-    else:
-        if train.recalibrate_bn:
-            qat.calibrate_(qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=True)
-        result = qat.finetune_(qat_model, float_model, inputs, targets, train, on_step=on_step)
-    metrics: dict[str, Any] = qat.simulated_metrics(qat_model, float_model, inputs)
-    if result is not None:
-        k = max(1, len(result.losses) // 10)
-        metrics.update(
-            loss_first=result.losses[0],
-            loss_last=result.losses[-1],
-            loss_first10pct_mean=sum(result.losses[:k]) / k,
-            loss_last10pct_mean=sum(result.losses[-k:]) / k,
-            bn_frozen_at=result.bn_frozen_at,
-            observers_frozen_at=result.observers_frozen_at,
-        )
-        # 100x: BN-statistics noise alone can lift a near-zero distillation loss a few-fold.
-        if metrics["loss_last10pct_mean"] > 100 * metrics["loss_first"]:
-            warnings_.append(
-                f"the fine-tune loss grew from {metrics['loss_first']:.3g} (step 1) to "
-                f"{metrics['loss_last10pct_mean']:.3g} (last 10% of steps): the run diverged; "
-                "lower --lr"
-            )
-    state = {
-        k: (v.to(orig_dtype) if v.is_floating_point() and ".weight_fake_quant." not in k else v)
-        .detach()
-        .cpu()
-        .contiguous()
-        for k, v in qat_model.state_dict().items()
-    }
-    qmin, qmax = quant.quant_range
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "stage": "qat",
-        "model": _model_meta(loaded),
-        "pairs": records,
-        "skipped": _skipped_json(scan),
-        "backend": quant.backend.value,
-        "weight_bits": quant.weight_bits,
-        "quant_min": qmin,
-        "quant_max": qmax,
-        "scheme": "per_channel_symmetric",
-        "mode": train.mode.value,
-        "steps": train.steps if train.mode is Mode.finetune else 0,
-        "loss": train.loss.value if train.mode is Mode.finetune else None,
-        "batch_size": train.batch_size,
-        "lr": train.lr if train.mode is Mode.finetune else None,
-        "optimizer": train.optimizer.value if train.mode is Mode.finetune else None,
-        "freeze_bn_after": train.bn_freeze_step if train.mode is Mode.finetune else None,
-        "freeze_observers_after": (
-            train.observer_freeze_step if train.mode is Mode.finetune else None
-        ),
-        "recalibrate_bn": train.recalibrate_bn,
-        "seed": train.seed,
-        "data_sha256": dataset.sha256,
-        "dtype": str(orig_dtype).removeprefix("torch."),
-        "torch_version": torch.__version__,
-        "qatconv_version": __version__,
-        "metrics": metrics,
-    }
+    qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
+                                    on_step, warnings_)  # fmt: skip
+    meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
+                         metrics)  # fmt: skip
     checkpoint.write_safetensors(
-        state, out, {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force,
-        inputs=inputs_paths,
+        _qat_state(qat_model, orig_dtype), out,
+        {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force, inputs=inputs_paths,
     )
     return PrepareReport(
         output=out,
@@ -369,6 +286,152 @@ def prepare(
         metadata=meta,
         warnings=warnings_,
     )
+
+
+def _refuse_qatconv_output(weights: Path | None) -> None:
+    """prepare starts from a float checkpoint, never from one qatconv wrote."""
+    from qatconv import checkpoint
+
+    if weights is None or not _is_safetensors(weights):
+        return
+    stage = checkpoint.read_metadata(weights).get("stage")
+    if stage in ("qat", "folded"):
+        raise BadInputError(
+            f"{weights} is already a {stage} checkpoint written by qatconv",
+            hint="fold it: qatconv fold QAT.safetensors -o OUT.safetensors"
+            if stage == "qat" else "prepare starts from the float checkpoint",
+        )
+
+
+def _as_float32(
+    loaded: LoadedModel, note: Callable[[str], None]
+) -> tuple[nn.Module, torch.dtype]:
+    """The model in float32 (torch's fake quant needs it) and the checkpoint's own dtype."""
+    import torch
+
+    model = loaded.model
+    # The checkpoint's own dtype (loading casts into the model's float32 parameters).
+    source = loaded.tensors.values() if loaded.tensors else model.parameters()
+    dtypes = {t.dtype for t in source if t.is_floating_point()}
+    orig_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    if orig_dtype != torch.float32:
+        note(f"the model is {orig_dtype}; QAT runs in float32 (torch's fake quant needs it)")
+        model = model.float()
+    return model, orig_dtype
+
+
+def _train_qat(
+    model: nn.Module,
+    records: list[dict[str, Any]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    train: TrainConfig,
+    quant: QuantConfig,
+    on_step: Callable[[StepInfo], None] | None,
+    warnings_: list[str],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Swap the pairs for LinearBn1d, calibrate or fine-tune; the QAT model and its metrics."""
+    import torch
+
+    from qatconv import qat
+
+    device = _pick_device(train.device.value)
+    torch.manual_seed(train.seed)
+    float_model = model.to(device)
+    qat_model = qat.deepcopy_model(float_model)
+    qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant))
+    qat_model.to(device)
+    inputs = inputs.to(device)
+    targets = targets.to(device) if targets is not None else None
+    result = None
+    if train.mode is Mode.calibrate:
+        qat.calibrate_(
+            qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=train.recalibrate_bn
+        )
+    else:
+        if train.recalibrate_bn:
+            qat.calibrate_(qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=True)
+        result = qat.finetune_(qat_model, float_model, inputs, targets, train, on_step=on_step)
+    metrics: dict[str, Any] = qat.simulated_metrics(qat_model, float_model, inputs)
+    if result is not None:
+        _add_loss_metrics(metrics, result, warnings_)
+    return qat_model, metrics
+
+
+def _add_loss_metrics(metrics: dict[str, Any], result: Any, warnings_: list[str]) -> None:
+    """The fine-tune's loss curve summary; a warning when the run diverged."""
+    k = max(1, len(result.losses) // 10)
+    metrics.update(
+        loss_first=result.losses[0],
+        loss_last=result.losses[-1],
+        loss_first10pct_mean=sum(result.losses[:k]) / k,
+        loss_last10pct_mean=sum(result.losses[-k:]) / k,
+        bn_frozen_at=result.bn_frozen_at,
+        observers_frozen_at=result.observers_frozen_at,
+    )
+    # 100x: BN-statistics noise alone can lift a near-zero distillation loss a few-fold.
+    if metrics["loss_last10pct_mean"] > 100 * metrics["loss_first"]:
+        warnings_.append(
+            f"the fine-tune loss grew from {metrics['loss_first']:.3g} (step 1) to "
+            f"{metrics['loss_last10pct_mean']:.3g} (last 10% of steps): the run diverged; "
+            "lower --lr"
+        )
+
+
+def _qat_state(qat_model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The QAT state dict to save: back in the checkpoint's dtype (fake-quant state stays
+    float32), on the CPU, contiguous."""
+    return {
+        k: (v.to(dtype) if v.is_floating_point() and ".weight_fake_quant." not in k else v)
+        .detach()
+        .cpu()
+        .contiguous()
+        for k, v in qat_model.state_dict().items()
+    }
+
+
+def _qat_metadata(
+    loaded: LoadedModel,
+    records: list[dict[str, Any]],
+    scan: PairScan,
+    train: TrainConfig,
+    quant: QuantConfig,
+    data_sha256: str,
+    dtype: torch.dtype,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``qatconv`` metadata of a QAT checkpoint (see DESIGN.md, `prepare`)."""
+    import torch
+
+    finetune = train.mode is Mode.finetune
+    qmin, qmax = quant.quant_range
+    return {
+        "format_version": FORMAT_VERSION,
+        "stage": "qat",
+        "model": _model_meta(loaded),
+        "pairs": records,
+        "skipped": _skipped_json(scan),
+        "backend": quant.backend.value,
+        "weight_bits": quant.weight_bits,
+        "quant_min": qmin,
+        "quant_max": qmax,
+        "scheme": "per_channel_symmetric",
+        "mode": train.mode.value,
+        "steps": train.steps if finetune else 0,
+        "loss": train.loss.value if finetune else None,
+        "batch_size": train.batch_size,
+        "lr": train.lr if finetune else None,
+        "optimizer": train.optimizer.value if finetune else None,
+        "freeze_bn_after": train.bn_freeze_step if finetune else None,
+        "freeze_observers_after": train.observer_freeze_step if finetune else None,
+        "recalibrate_bn": train.recalibrate_bn,
+        "seed": train.seed,
+        "data_sha256": data_sha256,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_version": torch.__version__,
+        "qatconv_version": __version__,
+        "metrics": metrics,
+    }
 
 
 # ---------------------------------------------------------------------------- fold
@@ -451,18 +514,9 @@ def fold(
         CheckFailedError: the check ran and the folded model is beyond tolerance (exit 4);
             nothing is written then.
     """
-    import shutil
-
     from qatconv import folding as fold_mod
 
-    if check is None and (atol is not None or rtol is not None or target_column is not None):
-        raise UsageError(
-            "--atol, --rtol and --target-column only apply to --check",
-            hint="add --check DATA to verify the folded model",
-        )
-    for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not value >= 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
+    _check_fold_flags(check, atol, rtol, target_column)
     started = time.perf_counter()
     note = on_note or (lambda s: log.info(s))
     if qat_checkpoint is not None:
@@ -476,29 +530,77 @@ def fold(
             emit_qparams=emit_qparams, strict=strict, target_column=target_column,
             fold_bn_before_linear=fold_bn_before_linear, note=note,
         )
-    records, skipped, fpairs, source = plan.records, plan.skipped, plan.fpairs, plan.source
-    stage_from, model_meta, extra, state = plan.stage_from, plan.model_meta, plan.extra, plan.state
-    meta_out = _folded_meta(records, skipped, stage_from, model_meta, extra)
+    meta_out = _folded_meta(plan.records, plan.skipped, plan.stage_from, plan.model_meta,
+                            plan.extra)  # fmt: skip
     old_shards = _shards_of_existing_index(out) if max_shard_size and force else []
-    # With a check, write into a staging folder beside `out` and move into place only when
-    # the check passes: a failed command leaves no output (and no replaced one).
+
+    def write(target: Path) -> Any:
+        return _fold_stream_or_memory(
+            fold_mod, plan.source, plan.state, target, plan.fpairs, emit_qparams,
+            max_shard_size, force, on_pair, meta_out,
+        )
+
+    def run_check(target: Path, data: Path) -> CheckResult:
+        return verify(
+            target, plan.stage_from, model_cfg, data, atol=atol, rtol=rtol,
+            qat_checkpoint=qat_checkpoint, model_meta=plan.model_meta,
+            target_column=target_column, on_note=note,
+        )
+
+    report, files, check_result = _write_checked(out, write, run_check, check)
+    index = [f for f in files if f.name.endswith(".index.json")]
+    _remove_stale_shards(old_shards, files)
+    return FoldResult(
+        output=index[0] if index else out,
+        files=files,
+        pairs=plan.records,
+        skipped=plan.skipped,
+        removed=list(report.removed),
+        notes=plan.notes,
+        source_stage=plan.stage_from,
+        check=check_result,
+        seconds=time.perf_counter() - started,
+        metadata={"qparams": report.qparams, "unverified": plan.unverified,
+                  "bn_before_linear": plan.extra.get("bn_before_linear", [])},
+    )
+
+
+def _check_fold_flags(
+    check: Path | None, atol: float | None, rtol: float | None, target_column: str | None
+) -> None:
+    if check is None and (atol is not None or rtol is not None or target_column is not None):
+        raise UsageError(
+            "--atol, --rtol and --target-column only apply to --check",
+            hint="add --check DATA to verify the folded model",
+        )
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+
+
+def _write_checked(
+    out: Path,
+    write: Callable[[Path], Any],
+    run_check: Callable[[Path, Path], CheckResult],
+    check: Path | None,
+) -> tuple[Any, list[Path], CheckResult | None]:
+    """Write the fold; with ``check``, into a staging folder beside ``out``, moved into place
+    only when the check passes: a failed command leaves no output (and no replaced one).
+
+    Returns the fold report, the files written (at their final paths) and the check result.
+    """
+    import shutil
+
     staging = out.parent / f".{out.name}.staging-{os.getpid()}" if check else None
     target = staging / out.name if staging else out
     if staging:
         staging.mkdir()
     try:
-        report = _fold_stream_or_memory(
-            fold_mod, source, state, target, fpairs, emit_qparams, max_shard_size, force,
-            on_pair, meta_out,
-        )
+        report = write(target)
         files = list(report.files)
         check_result = None
         if check is not None:
-            check_result = verify(
-                target, stage_from, model_cfg, check, atol=atol, rtol=rtol,
-                qat_checkpoint=qat_checkpoint, model_meta=model_meta,
-                target_column=target_column, on_note=note,
-            )
+            check_result = run_check(target, check)
             if not check_result.passed:
                 raise CheckFailedError(
                     f"folded model differs from the {check_result.reference} reference: max abs "
@@ -513,21 +615,7 @@ def fold(
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
-    index = [f for f in files if f.name.endswith(".index.json")]
-    _remove_stale_shards(old_shards, files)
-    return FoldResult(
-        output=index[0] if index else out,
-        files=files,
-        pairs=records,
-        skipped=skipped,
-        removed=list(report.removed),
-        notes=plan.notes,
-        source_stage=stage_from,
-        check=check_result,
-        seconds=time.perf_counter() - started,
-        metadata={"qparams": report.qparams, "unverified": plan.unverified,
-                  "bn_before_linear": extra.get("bn_before_linear", [])},
-    )
+    return report, files, check_result
 
 
 @dataclass
@@ -596,22 +684,28 @@ def _plan_qat_fold(
     source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
     extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
                                        "scheme")}
-    # Per pair: how its folded weight is quantized, with the trained per-channel scales
-    # (exact float32 values; `--emit-qparams` also writes them as tensors).
+    extra["qparams"] = _qparams_meta(qat_checkpoint, meta, records, emit_qparams)
+    return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra)
+
+
+def _qparams_meta(
+    qat_checkpoint: Path, meta: dict[str, Any], records: list[dict[str, Any]], emit: bool
+) -> dict[str, dict[str, Any]]:
+    """Per pair: how its folded weight is quantized, with the trained per-channel scales
+    (exact float32 values; `--emit-qparams` also writes them as tensors)."""
     scales = _qat_scales(qat_checkpoint, records)
-    extra["qparams"] = {
+    return {
         r["linear"]: {
             "scheme": meta.get("scheme", "per_channel_symmetric"),
             "axis": 0,
             "weight_bits": meta.get("weight_bits"),
             "quant_min": meta.get("quant_min"),
             "quant_max": meta.get("quant_max"),
-            "scale_tensor": f"{r['linear']}.weight_scale" if emit_qparams else None,
+            "scale_tensor": f"{r['linear']}.weight_scale" if emit else None,
             "scale": scales.get(r["linear"]),
         }
         for r in records
     }
-    return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra)
 
 
 def _plan_float_fold(
@@ -658,24 +752,39 @@ def _plan_float_fold(
     state = loaded.tensors
     extra: dict[str, Any] = {"unverified": unverified}
     if fold_bn_before_linear:
-        before = [
-            {"bn": c.bn, "linear": c.linear, "eps": loaded.model.get_submodule(c.bn).eps,
-             "bias": loaded.model.get_submodule(c.linear).bias is not None}
-            for c in before_ok
-        ]
         unverified += [c.linear for c in scan.bn_before_linear if not c.verified and not strict]
-        state = dict(state)  # the fold replaces entries; the loaded dict stays as read
-        fold_mod.fold_bn_before_linear_(state, before)
-        extra["bn_before_linear"] = before
-        # The input-side fold may have given a Linear its bias: the output-side fold must
-        # read it rather than create another.
-        records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state}
-                   for r in records]
+        state, records, extra["bn_before_linear"] = _fold_bn_before(
+            loaded.model, state, records, before_ok
+        )
     fpairs = [fold_mod.FoldPair.from_float_record(r) for r in records]
     source, stage_from = model_cfg.weights, "float"
     model_meta = _model_meta(loaded)
     return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra, state,
                      loaded.notes, unverified)
+
+
+def _fold_bn_before(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    records: list[dict[str, Any]],
+    candidates: Sequence[Any],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fold each BatchNorm1d -> Linear candidate into a copy of ``state``.
+
+    Returns the new state, the pair records (the input-side fold may have given a Linear its
+    bias: the output-side fold must read it rather than create another) and the fold records.
+    """
+    from qatconv import folding as fold_mod
+
+    before = [
+        {"bn": c.bn, "linear": c.linear, "eps": model.get_submodule(c.bn).eps,
+         "bias": model.get_submodule(c.linear).bias is not None}
+        for c in candidates
+    ]
+    state = dict(state)  # the fold replaces entries; the loaded dict stays as read
+    fold_mod.fold_bn_before_linear_(state, before)
+    records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state} for r in records]
+    return state, records, before
 
 
 def _shards_of_existing_index(out: Path) -> list[Path]:
