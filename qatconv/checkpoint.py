@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -607,16 +607,35 @@ def _prepare(name: str, t: torch.Tensor) -> torch.Tensor:
 def _atomic_write(path: Path, header: bytes, tensors: list[torch.Tensor]) -> None:
     import torch
 
+    def parts() -> Iterator[bytes | memoryview]:
+        yield len(header).to_bytes(8, "little")
+        yield header
+        for t in tensors:
+            if t.numel():
+                yield t.reshape(-1).view(torch.uint8).numpy().data
+
+    write_atomic(path, parts())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see `write_atomic`)."""
+    write_atomic(Path(path), [data])
+
+
+def write_atomic(path: Path, parts: Iterable[bytes | memoryview]) -> None:
+    """Write ``parts`` to a temp file beside ``path``, fsync, rename over ``path``, fsync the
+    folder; on any failure the temp file is removed and ``path`` is untouched.
+
+    Raises:
+        OutputError: the write failed (disk full, permissions).
+    """
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            for t in tensors:
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

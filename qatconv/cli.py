@@ -343,6 +343,73 @@ def _report_fold(out: Output, result: Any) -> None:
         out.note(f"wrote {', '.join(str(f) for f in result.files)} ({result.seconds:.2f} s)")
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@app.command(
+    epilog="Examples:\n\n  qatconv export folded.safetensors -o model.onnx --check heldout.npz\n\n"
+    "  qatconv export folded.safetensors -o model.onnx --input-shape 16,64\n\n"
+    "Needs the onnx extra: pip install \"qatconv[onnx]\".",
+)
+def export(
+    folded: Annotated[Path, typer.Argument(help="Folded checkpoint written by `qatconv fold`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX model to write (.onnx).")],
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (13..20).")] = 17,
+    check: Annotated[Path | None, typer.Option("--check", help="Data to run onnxruntime on against the integer emulation and the QAT simulation (exit 4 beyond tolerance or on float kernels; nothing written).")] = None,
+    allow_float_kernels: Annotated[bool, typer.Option("--allow-float-kernels", help="Check: accept quantized Linears that onnxruntime runs in float.")] = False,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="One sample's shape without the batch axis, e.g. 16,64 [default: from --check data, or the first Linear's inputs].", show_default=False)] = None,
+    target_column: TargetColOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a folded checkpoint as an int8 ONNX model (QDQ) that onnxruntime runs in int8."""
+    from qatconv import export as export_mod
+
+    out = Output(json_mode=json_, quiet=quiet)
+    cfg = _model_cfg(model, model_arg, None, False) if model else None
+    shape = _parse_shape(input_shape) if input_shape is not None else None
+    with _interruptible():
+        report = export_mod.export(folded, output, model_cfg=cfg, opset=opset, check=check,
+                                   allow_float_kernels=allow_float_kernels, input_shape=shape,
+                                   target_column=target_column, force=force)
+    out.result(report.to_json())
+    if out.human:
+        _report_export(out, report)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    from qatconv.errors import UsageError
+
+    try:
+        return tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a list of sizes",
+                         hint="e.g. --input-shape 64 or --input-shape 16,64") from None
+
+
+def _report_export(out: Output, report: Any) -> None:
+    from rich.table import Table
+
+    kernels = report.check.kernels if report.check else {}
+    t = Table(title=f"{report.output} ({report.mode}, opset {report.opset})", title_justify="left")
+    for col in ("linear", "int8 form", "input rank", "onnxruntime kernels"):
+        t.add_column(col)
+    for row in report.linears:
+        t.add_row(row["linear"], row["form"], str(row["rank"]),
+                  ", ".join(kernels.get(row["linear"], [])) or "-")
+    out.table(t)
+    if report.check:
+        for c in report.check.comparisons:
+            top1 = "" if c.top1_agreement is None else f", top-1 agreement {c.top1_agreement:.2%}"
+            out.note(f"onnxruntime vs {c.reference} on {report.check.samples} samples: max abs "
+                     f"error {c.max_abs_error:.3g} (output range {c.output_range:.3g}){top1}")
+    out.note(f"wrote {report.output} ({report.bytes:,} bytes, {report.seconds:.2f} s)")
+
+
 # ----------------------------------------------------------------------------- demo
 
 

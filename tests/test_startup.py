@@ -1,4 +1,4 @@
-"""`qatconv --help` and `qatconv inspect x.safetensors` never import torch (it costs ~1.2 s).
+"""`qatconv --help` and `qatconv inspect x.safetensors` never import torch (it costs ~1.2 s) nor onnx.
 
 Each check is a fresh interpreter (`python -c`) that runs `qatconv.cli.main([...])` in-process and
 then reports the exit codes and whether `torch` is in `sys.modules`: two subprocesses in all.
@@ -30,7 +30,7 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     results.append({"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue()})
-heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "onnxruntime"))
 print(json.dumps({"results": results, "torch_modules": heavy[:5]}))
 """
 
@@ -50,7 +50,8 @@ def _run(argvs: list[list[str]]) -> dict[str, Any]:
 
 
 def test_help_and_version_do_not_import_torch() -> None:
-    report = _run([["--help"], ["prepare", "--help"], ["fold", "--help"], ["--version"]])
+    report = _run([["--help"], ["prepare", "--help"], ["fold", "--help"], ["--version"],
+                   ["export", "--help"]])
     assert report["torch_modules"] == []
     assert "prepare" in report["results"][0]["out"]
     assert report["results"][3]["out"].startswith("qatconv ")
