@@ -140,7 +140,8 @@ def _check_flags(opset: int, check: Path | None, allow_float_kernels: bool,
                  target_column: str | None, input_shape: Sequence[int] | None) -> None:
     if not 13 <= opset <= 20:
         raise UsageError(f"--opset {opset} is not supported",
-                         hint="use 13..20 (per-channel QuantizeLinear needs 13; torch's TorchScript exporter stops at 20)")
+                         hint="use 13..20 (per-channel QuantizeLinear needs 13; torch's "
+                         "TorchScript exporter stops at 20)")
     if check is None and (allow_float_kernels or target_column is not None):
         raise UsageError("--allow-float-kernels and --target-column only apply to --check",
                          hint="add --check DATA")
