@@ -201,7 +201,7 @@ def _print_inspection(out: Output, ins: Any) -> None:
 )
 def prepare(
     output: Annotated[Path, typer.Option("--output", "-o", help="QAT checkpoint to write (.safetensors).")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration / training data: .npz .npy .pt .safetensors .csv.")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration / training data: .npy and .safetensors are read per batch (any size); .npz .pt .csv are loaded whole into memory.")],
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint to start from.")] = None,

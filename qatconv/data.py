@@ -5,6 +5,13 @@ Formats (the first dimension is always the sample axis):
 and optionally ``targets`` (or ``y``); ``.npy`` (inputs only); ``.csv`` with a header row and
 numeric cells, ``--target-column NAME`` split off as targets. Every problem is a `DataError`
 (exit 3) with one line saying where.
+
+``.npy`` and ``.safetensors`` data are never loaded whole: their inputs and targets are `Rows`,
+read with ``pread`` per batch (the header is validated first, the values are checked in one
+streaming pass). ``pread`` rather than a memory map: mapped pages a run has touched count in the
+process's resident memory, so sampling a 2 GiB map would grow the process by 2 GiB; pages read
+with ``pread`` stay in the kernel's page cache. ``.pt``, ``.npz`` and ``.csv`` are loaded whole
+(their formats are compressed or pickled and cannot be read by row offset).
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
+import os
 import pickle
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,158 @@ INPUT_KEYS = ("inputs", "x")
 TARGET_KEYS = ("targets", "y")
 SUFFIXES = (".safetensors", ".pt", ".npz", ".npy", ".csv")
 _CHUNK = 1 << 20
+# Bytes of rows decoded at once by the validation pass over lazily read data.
+_SCAN_BYTES = 8 << 20
+_CPU = torch.device("cpu")
+
+
+class _OpenFile:
+    """One read-only descriptor shared by the `Rows` views of a file; closed when unused."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+        self._close = weakref.finalize(self, os.close, self.fd)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        got = 0
+        try:
+            while got < len(view):
+                k = os.preadv(self.fd, [view[got:]], offset + got)
+                if k == 0:
+                    raise DataError(
+                        f"{self.path} ended early: the file was truncated or changed during the run",
+                        hint="do not modify the data file while qatconv reads it",
+                    )
+                got += k
+        except OSError as e:
+            raise DataError(f"cannot read {self.path}: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of one array stored in a file, read with ``pread`` on every access.
+
+    Indexing it like a tensor (``rows[i]``, ``rows[a:b]``, ``rows[index_tensor]``) reads just
+    those rows and returns a tensor of ``dtype`` on ``device``: the values are decoded exactly
+    as the whole-file readers decode them (the file's dtype -> ``base_dtype`` -> ``dtype``).
+
+    Attributes:
+        file: the open file.
+        offset: file offset of row 0.
+        row_shape: shape of one row, in elements.
+        np_dtype: the stored element type (``.npy``, any byte order); None for safetensors.
+        st_dtype: the stored torch dtype (``.safetensors``); None for ``.npy``.
+        rows: number of rows.
+        base_dtype: the dtype a whole-file read casts to (float32 inputs, int64/float32 targets).
+        dtype: the dtype returned (``to(dtype)`` changes it).
+        device: where returned tensors live.
+    """
+
+    file: _OpenFile
+    offset: int
+    row_shape: tuple[int, ...]
+    np_dtype: np.dtype | None
+    st_dtype: torch.dtype | None
+    rows: int
+    base_dtype: torch.dtype
+    dtype: torch.dtype
+    device: torch.device = _CPU
+
+    @property
+    def itemsize(self) -> int:
+        if self.np_dtype is not None:
+            return int(self.np_dtype.itemsize)
+        assert self.st_dtype is not None
+        return torch.empty((), dtype=self.st_dtype).element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.row_shape) * self.itemsize
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, *self.row_shape))
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def dim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, *args: Any, **kwargs: Any) -> Rows:
+        """Like `torch.Tensor.to` with a device and/or a dtype: a view that converts on read."""
+        device, dtype = self.device, self.dtype
+        for a in [*args, *kwargs.values()]:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (str, torch.device)):
+                device = torch.device(a)
+            else:
+                raise TypeError(f"Rows.to takes a device and/or a dtype, not {a!r}")
+        return replace(self, device=device, dtype=dtype)
+
+    def float(self) -> Rows:
+        return self.to(torch.float32)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.rows)
+            if step == 1:
+                return self._read_run(start, max(start, stop))
+            key = range(start, stop, step)
+        if isinstance(key, int):
+            if not -self.rows <= key < self.rows:
+                raise IndexError(f"row {key} out of range for {self.rows} rows")
+            return self._read_run(key % self.rows, key % self.rows + 1)[0]
+        if isinstance(key, torch.Tensor):
+            key = key.detach().cpu().numpy()
+        return self._read_rows(np.asarray(key, dtype=np.int64).reshape(-1))
+
+    def chunks(self, rows_per_chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, tensor)`` for consecutive runs of rows covering the whole array."""
+        step = rows_per_chunk or max(1, _SCAN_BYTES // max(1, self.row_bytes))
+        for start in range(0, self.rows, step):
+            yield start, self._read_run(start, min(self.rows, start + step))
+
+    def _read_run(self, start: int, stop: int) -> torch.Tensor:
+        buf = np.empty((stop - start, self.row_bytes), dtype=np.uint8)
+        if buf.size:
+            self.file.read_into(memoryview(buf).cast("B"), self.offset + start * self.row_bytes)
+        return self._decode(buf)
+
+    def _read_rows(self, index: np.ndarray) -> torch.Tensor:
+        index = np.where(index < 0, index + self.rows, index)
+        if index.size and (index.min() < 0 or index.max() >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        wanted, inverse = np.unique(index, return_inverse=True)
+        buf = np.empty((len(wanted), self.row_bytes), dtype=np.uint8)
+        # One pread per run of consecutive rows: a sequential pass is one read per batch.
+        cuts = np.flatnonzero(np.diff(wanted) != 1) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(wanted)]):
+            if hi > lo and self.row_bytes:
+                view = memoryview(buf[lo:hi]).cast("B")
+                self.file.read_into(view, self.offset + int(wanted[lo]) * self.row_bytes)
+        return self._decode(buf[inverse.reshape(-1)])
+
+    def _decode(self, buf: np.ndarray) -> torch.Tensor:
+        n = buf.shape[0]
+        if self.np_dtype is not None:
+            values = np.frombuffer(buf, dtype=self.np_dtype).reshape(n, *self.row_shape)
+            values = np.require(values, dtype=self.np_dtype.newbyteorder("="),
+                                requirements=["C", "W"])
+            t = torch.from_numpy(values)
+        else:
+            assert self.st_dtype is not None
+            t = torch.from_numpy(buf.reshape(-1)).view(self.st_dtype).reshape(n, *self.row_shape)
+        t = t.to(self.base_dtype).to(self.dtype)
+        return t.to(self.device) if self.device.type != "cpu" else t
 
 
 @dataclass
@@ -38,19 +200,26 @@ class Dataset:
     """Samples along the first dimension of ``inputs`` (float32) and ``targets`` (if any).
 
     Attributes:
-        inputs: float32, finite, shape ``(N, ...)``.
-        targets: ``(N, ...)`` int64 (class labels) or float32; None when the file has none.
+        inputs: float32, finite, shape ``(N, ...)``: a tensor, or `Rows` read per batch
+            (``.npy`` and ``.safetensors``).
+        targets: ``(N, ...)`` int64 (class labels) or float32, a tensor or `Rows`; None when
+            the file has none.
         sha256: hex digest of the file's bytes (recorded in checkpoint metadata).
         path: the file read.
     """
 
-    inputs: torch.Tensor
-    targets: torch.Tensor | None
+    inputs: torch.Tensor | Rows
+    targets: torch.Tensor | Rows | None
     sha256: str
     path: Path
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    @property
+    def lazy(self) -> bool:
+        """True when the rows are read from the file per batch (never held whole)."""
+        return isinstance(self.inputs, Rows)
 
 
 def load_data(path: Path, *, target_column: str | None = None) -> Dataset:
@@ -85,10 +254,15 @@ def load_data(path: Path, *, target_column: str | None = None) -> Dataset:
     digest = _sha256(path)
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty", hint="re-export the data")
-    if suffix == ".csv":
-        inputs, targets = _read_csv(path, target_column)
-    elif suffix == ".npy":
+    if suffix == ".npy":
+        rows = _npy_rows(path)
+        if rows is not None:
+            return _finish_rows(path, rows, None, digest)
         inputs, targets = _read_npy(path), None
+    elif suffix == ".safetensors":
+        return _finish_rows(path, *_st_rows(path), digest)
+    elif suffix == ".csv":
+        inputs, targets = _read_csv(path, target_column)
     else:
         arrays = _read_tensor_dict(path, suffix)
         inputs, targets = _pick(path, arrays)
@@ -151,14 +325,67 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_tensor_dict(path: Path, suffix: str) -> Mapping[str, Any]:
-    if suffix == ".safetensors":
-        from qatconv import checkpoint
+def _npy_rows(path: Path) -> Rows | None:
+    """The array of a ``.npy`` file as `Rows` (header validated by numpy; nothing read yet).
 
-        try:
-            return checkpoint._read_st_tensors(path)[1]
-        except CheckpointError as e:
-            raise DataError(e.message, hint=e.hint) from None
+    None for a Fortran-ordered array of two or more dimensions: its rows are not contiguous in
+    the file, so it is read whole (and said so in the log).
+    """
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise _unreadable(path, e) from e
+    try:
+        if not isinstance(mapped, np.memmap) or mapped.ndim == 0:  # not mapped, or a scalar
+            return None
+        if mapped.dtype.kind not in "biuf":
+            raise DataError(f"{path}: inputs has dtype {mapped.dtype}, not numbers")
+        if mapped.ndim > 1 and not mapped.flags.c_contiguous:
+            log.info("%s is Fortran-ordered: reading it whole", path)
+            return None
+        dtype = mapped.dtype
+        rows = Rows(_OpenFile(path), int(mapped.offset), tuple(int(d) for d in mapped.shape[1:]),
+                    dtype, None, int(mapped.shape[0]), torch.float32, torch.float32)
+    finally:
+        mm = getattr(mapped, "_mmap", None)
+        if mm is not None:
+            mm.close()
+    return rows
+
+
+def _st_rows(path: Path) -> tuple[Rows, Rows | None]:
+    """Inputs and targets of a ``.safetensors`` data file as `Rows` (only the header is read)."""
+    from qatconv import st_format
+    from qatconv.checkpoint import _TORCH_NAMES
+
+    try:
+        header = st_format.read_header(path)
+    except CheckpointError as e:
+        raise DataError(e.message, hint=e.hint) from None
+    inputs_key = next((k for k in INPUT_KEYS if k in header.tensors), None)
+    targets_key = next((k for k in TARGET_KEYS if k in header.tensors), None)
+    _pick(path, {k: None for k in header.tensors})  # the "no inputs" error, worded once
+    file = _OpenFile(path)
+
+    def rows(key: str, base: torch.dtype | None) -> Rows:
+        info = header.tensors[key]
+        dtype = getattr(torch, _TORCH_NAMES[info.dtype], None)
+        if dtype is None:
+            raise DataError(f"{path}: {key!r} has dtype {info.dtype}, which this torch "
+                            f"{torch.__version__} cannot hold")
+        if not info.shape:
+            what = "inputs" if key == inputs_key else "targets"
+            raise DataError(f"{path}: {what} are a single number, not samples",
+                            hint="the first dimension of inputs is the sample axis")
+        base = base or (torch.float32 if dtype.is_floating_point else torch.int64)
+        return Rows(file, header.data_start + info.begin, tuple(info.shape[1:]), None, dtype,
+                    int(info.shape[0]), base, base)
+
+    assert inputs_key is not None
+    return rows(inputs_key, torch.float32), rows(targets_key, None) if targets_key else None
+
+
+def _read_tensor_dict(path: Path, suffix: str) -> Mapping[str, Any]:
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -343,6 +570,48 @@ def _finish(path: Path, inputs_raw: Any, targets_raw: Any, digest: str) -> Datas
         targets = targets.contiguous()
     log.debug("loaded %d samples of shape %s from %s", n, list(inputs.shape[1:]), path)
     return Dataset(inputs, targets, digest, path)
+
+
+def _finish_rows(path: Path, inputs: Rows, targets: Rows | None, digest: str) -> Dataset:
+    """`_finish` for lazily read data: the same checks, in one streaming pass over the rows."""
+    n = len(inputs)
+    if n == 0:
+        raise DataError(f"{path} holds zero samples", hint="the first dimension is the sample axis")
+    _check_finite_rows(path, inputs)
+    if targets is not None:
+        if len(targets) != n:
+            raise DataError(
+                f"{path}: {n} input samples but {len(targets)} targets",
+                hint="inputs and targets must have the same first dimension",
+            )
+        if targets.dtype.is_floating_point and not all(
+            bool(torch.isfinite(chunk).all()) for _, chunk in targets.chunks()
+        ):
+            raise DataError(f"{path}: targets contain NaN or inf", hint="clean the data")
+    log.debug("reading %d samples of shape %s from %s per batch", n, list(inputs.row_shape), path)
+    return Dataset(inputs, targets, digest, path)
+
+
+def _check_finite_rows(path: Path, inputs: Rows) -> None:
+    if inputs.np_dtype is not None:
+        floating = inputs.np_dtype.kind == "f"
+    else:
+        floating = inputs.st_dtype is not None and inputs.st_dtype.is_floating_point
+    if not floating:
+        return  # integers and booleans always cast to finite float32
+    bad_count, first = 0, -1
+    for start, chunk in inputs.chunks():
+        finite = torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            bad_count += bad.numel()
+            first = start + int(bad[0]) if first < 0 else first
+    if bad_count:
+        raise DataError(
+            f"{path}: {bad_count} of {len(inputs)} samples have NaN or inf inputs "
+            f"(first: sample {first})",
+            hint="clean the data (a float32 cast turns values beyond 3.4e38 into inf)",
+        )
 
 
 def _unreadable(path: Path, e: BaseException) -> DataError:

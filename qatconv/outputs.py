@@ -106,12 +106,21 @@ def forward_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 10
         BadInputError: the model returns no floating-point tensor per sample, or its output
             changes structure from one batch to the next.
     """
-    import torch
-
     parts: list[Outputs] = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
         parts.append(flatten_outputs(model(chunk), batch=len(chunk)))
+    return cat_outputs(parts)
+
+
+def cat_outputs(parts: list[Outputs]) -> Outputs:
+    """The outputs of consecutive batches as one: each leaf concatenated.
+
+    Raises:
+        BadInputError: as `forward_outputs`.
+    """
+    import torch
+
     if not parts:
         return Outputs((), ())
     first = parts[0]

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,16 @@ from qatconv.errors import BadInputError, DataError, QatconvError
 from qatconv.modelcopy import copy_model
 from qatconv.outputs import (
     Outputs,
+    cat_outputs,
     first_output,
     flat_cat,
     flatten_outputs,
     forward_outputs,
     require_same_names,
 )
+
+if TYPE_CHECKING:
+    from qatconv.data import Rows
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +442,7 @@ def _check_targets(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss
 ) -> None:
     """Refuse targets the loss cannot use, before any step (torch would broadcast or crash)."""
+    lo, hi = _value_range(targets)
     fqs = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
     saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in fqs]
     was_training = model.training
@@ -469,14 +474,20 @@ def _check_targets(
                     "--loss cross-entropy needs class indices or per-class probabilities "
                     f"shaped like the outputs {tuple(out.shape[1:])}",
                 )
-        elif out.dim() < 2 or targets.dim() != 1 or int(targets.min()) < 0 or int(
-            targets.max()
-        ) >= out.shape[1]:
+        elif out.dim() < 2 or targets.dim() != 1 or lo < 0 or hi >= out.shape[1]:
             raise DataError(
                 f"--loss cross-entropy needs class indices in [0, {out.shape[-1]}) per sample; "
-                f"the targets span [{int(targets.min())}, {int(targets.max())}]",
+                f"the targets span [{int(lo)}, {int(hi)}]",
                 hint="check --target-column, or use --loss distill",
             )
+
+
+def _value_range(values: torch.Tensor | Rows) -> tuple[float, float]:
+    """Min and max of all values; `Rows` are read chunk by chunk."""
+    if isinstance(values, torch.Tensor):
+        return float(values.min()), float(values.max())
+    chunks = [(float(c.min()), float(c.max())) for _, c in values.chunks() if c.numel()]
+    return min(lo for lo, _ in chunks), max(hi for _, hi in chunks)
 
 
 def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -518,9 +529,8 @@ def finetune_(
     if config.loss is Loss.distill:
         if teacher is None:
             raise ValueError("distill needs the float model")
-        with torch.no_grad():
-            teacher.eval()
-            goal: Any = forward_outputs(teacher, inputs, 1024)
+        teacher.eval()
+        goal: Any = _distill_goal(teacher, inputs)
     else:
         if targets is None:
             raise DataError(
@@ -556,7 +566,8 @@ def finetune_(
                     m.input_fake_quant.disable_observer()
             result.observers_frozen_at = step
         idx = next(batches)
-        loss = _step_loss(criterion, model(inputs[idx]), goal, idx)
+        x = inputs[idx]
+        loss = _step_loss(criterion, model(x), _batch_goal(goal, idx, teacher, x), idx)
         if not torch.isfinite(loss):
             raise BadInputError(
                 f"loss became {loss.item()} at step {step}",
@@ -589,35 +600,98 @@ def _start_input_ranges_(model: nn.Module, inputs: torch.Tensor, batch_size: int
     observe_input_ranges_(model, inputs, batch_size)
 
 
+def _distill_goal(teacher: nn.Module, inputs: torch.Tensor | Rows) -> Outputs | None:
+    """The float model's outputs on all of ``inputs``, computed once; None for `Rows` (data
+    read per batch), whose outputs could be as large as the data: each batch is then distilled
+    as it is read."""
+    if not isinstance(inputs, torch.Tensor):
+        return None
+    with torch.no_grad():
+        return forward_outputs(teacher, inputs, 1024)
+
+
+def _batch_goal(
+    goal: Outputs | torch.Tensor | Rows | None,
+    idx: torch.Tensor,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+) -> Outputs | torch.Tensor:
+    """The targets of the batch ``idx``, whose inputs are ``x``."""
+    if goal is None:
+        assert teacher is not None
+        with torch.no_grad():
+            return flatten_outputs(teacher(x), batch=len(idx))
+    if isinstance(goal, Outputs):
+        return Outputs(goal.names, tuple(t[idx] for t in goal.tensors), goal.ignored)
+    return goal[idx]
+
+
 def _step_loss(
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     out: object,
     goal: Outputs | torch.Tensor,
     idx: torch.Tensor,
 ) -> torch.Tensor:
-    """Distillation: the sum of the per-output losses; labels: the loss on the first output."""
+    """Distillation: the sum of the per-output losses; labels: the loss on the first output.
+
+    ``goal`` holds the targets of this batch (``idx``) only.
+    """
     if isinstance(goal, torch.Tensor):
-        return criterion(first_output(out, len(idx)), goal[idx])
+        return criterion(first_output(out, len(idx)), goal)
     got = flatten_outputs(out, batch=len(idx))
     require_same_names(goal, got, "the float model", "the QAT model")
-    return sum((criterion(o, g[idx]) for o, g in zip(got.tensors, goal.tensors)),
+    return sum((criterion(o, g) for o, g in zip(got.tensors, goal.tensors)),
                torch.zeros((), device=idx.device))
 
 
+# Model outputs up to this many bytes (both models) are compared whole, as they always were;
+# beyond it, through float64 sums per batch (the metric's last digits can then differ).
+METRICS_IN_MEMORY_BYTES = 32 << 20
+
+
 def simulated_metrics(
-    qat_model: nn.Module, float_model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024
+    qat_model: nn.Module,
+    float_model: nn.Module,
+    inputs: torch.Tensor | Rows,
+    batch_size: int = 1024,
+    *,
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Agreement of the int8-simulated QAT model (fake quant on, eval) with the float model.
+
+    Outputs are never held beyond `METRICS_IN_MEMORY_BYTES`: larger runs, and runs whose sums
+    ``reduce_sums`` adds up across processes, are measured through float64 sums per batch.
 
     Returns ``relative_mse`` over all outputs always, ``top1_agreement`` when the model has one
     (N, classes) output, and ``outputs`` (the same per output name) when it has several.
     """
     qat_model.eval()
     float_model.eval()
+    set_fake_quant_(qat_model, fake_quant=True, observer=False)
+    held: list[tuple[Outputs, Outputs]] = []
+    sums: torch.Tensor | None = None
     with torch.no_grad():
-        set_fake_quant_(qat_model, fake_quant=True, observer=False)
-        q = forward_outputs(qat_model, inputs, batch_size)
-        f = forward_outputs(float_model, inputs, batch_size)
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size]
+            q = flatten_outputs(qat_model(x), batch=len(x))
+            f = flatten_outputs(float_model(x), batch=len(x))
+            held.append((q, f))
+            nbytes = sum(t.numel() * t.element_size() for o in held[-1] for t in o.tensors)
+            if reduce_sums is not None or sums is not None or (
+                len(held) * nbytes > METRICS_IN_MEMORY_BYTES
+            ):
+                for hq, hf in held:
+                    sums = _metric_sums(hq, hf) if sums is None else sums + _metric_sums(hq, hf)
+                cat_outputs([f])  # the checks forward_outputs makes
+                names = f.names
+                held.clear()
+    if sums is None:
+        q, f = cat_outputs([q for q, _ in held]), cat_outputs([f for _, f in held])
+        return _metrics_whole(q, f)
+    return _metrics_from_sums(names, sums if reduce_sums is None else reduce_sums(sums))
+
+
+def _metrics_whole(q: Outputs, f: Outputs) -> dict[str, Any]:
     require_same_names(f, q, "the float model", "the QAT model")
     metrics: dict[str, Any] = _agreement(flat_cat(q, torch.float64), flat_cat(f, torch.float64))
     if len(f) == 1:
@@ -627,6 +701,35 @@ def simulated_metrics(
             name: {**_agreement(a.double(), b.double()), **_top1(a, b)}
             for name, a, b in zip(f.names, q.tensors, f.tensors)
         }
+    return metrics
+
+
+def _metric_sums(q: Outputs, f: Outputs) -> torch.Tensor:
+    """float64 per output leaf: ``[sum (q-f)^2, sum f^2, values, top-1 matches, rows]``."""
+    require_same_names(f, q, "the float model", "the QAT model")
+    rows = []
+    for a, b in zip(q.tensors, f.tensors):
+        a64, b64 = a.double(), b.double()
+        top1 = a.dim() == 2 and a.shape[1] > 1
+        rows.append([float(((a64 - b64) ** 2).sum()), float((b64 * b64).sum()), b.numel(),
+                     float((a.argmax(1) == b.argmax(1)).sum()) if top1 else 0.0,
+                     a.shape[0] if top1 else 0])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 5)
+
+
+def _metrics_from_sums(names: Sequence[str], sums: torch.Tensor) -> dict[str, Any]:
+    def agreement(row: torch.Tensor) -> dict[str, float]:
+        sq_err, sq_ref, n, agree, rows = (float(v) for v in row)
+        denom = sq_ref / n if n else 0.0
+        out = {"relative_mse": sq_err / n / denom if denom > 0 else math.nan}
+        return {**out, "top1_agreement": agree / rows} if rows else out
+
+    metrics: dict[str, Any] = agreement(sums.sum(0))
+    metrics.pop("top1_agreement", None)
+    if len(names) == 1:
+        metrics.update({k: v for k, v in agreement(sums[0]).items() if k == "top1_agreement"})
+    else:
+        metrics["outputs"] = {name: agreement(row) for name, row in zip(names, sums)}
     return metrics
 
 

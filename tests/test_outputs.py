@@ -73,7 +73,8 @@ def test_distillation_sums_the_per_output_losses() -> None:
         goal = forward_outputs(teacher, x, 8)
         z_t, p_t = teacher(x)
         z_s, p_s = student(x[idx])
-        got = qat._step_loss(F.mse_loss, student(x[idx]), goal, idx)
+        got = qat._step_loss(F.mse_loss, student(x[idx]), qat._batch_goal(goal, idx, None, x),
+                             idx)
     want = F.mse_loss(z_s, z_t[idx]) + F.mse_loss(p_s, p_t[idx])
     assert abs(float(got) - float(want)) <= 1e-6 * float(want)
 
