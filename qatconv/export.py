@@ -31,12 +31,11 @@ if TYPE_CHECKING:
     import onnx
 
     from qatconv.onnx_check import ExportCheck
-    from qatconv.onnx_qdq import InputQuant, Lowered, QuantLinear
+    from qatconv.onnx_qdq import Lowered, QuantLinear
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-_TORCH_ACT_DTYPES = {"quint8": "uint8", "qint8": "int8", "uint8": "uint8", "int8": "int8"}
 
 
 @dataclass(frozen=True)
@@ -190,64 +189,46 @@ def _load_data(path: Path, target_column: str | None) -> Any:
 def quant_linears(model: nn.Module, folded: Path, meta: dict[str, Any]) -> dict[str, QuantLinear]:
     """Each quantized Linear's int8 weight, scales and input qparams, from the folded file.
 
-    A pair is quantized when the metadata's ``qparams`` has its weight scale; excluded pairs
-    and float checkpoints have none and stay float.
+    A pair is quantized when the metadata's ``qparams`` records its weight scale; excluded
+    pairs and float checkpoints have none and stay float.
 
     Raises:
-        CheckpointError: damaged qparams, or weight codes that do not fit int8.
+        CheckpointError: damaged qparams, a weight scheme that is not per-channel symmetric
+            int8, or a scale count that does not match the Linear.
     """
-    from qatconv import checkpoint
+    from qatconv import emulate
 
     qparams = meta.get("qparams") or {}
     if not isinstance(qparams, dict):
         raise CheckpointError(f"{folded}: metadata qparams is not an object")
-    wanted = {k: v for k, v in qparams.items() if isinstance(v, dict) and v.get("scale")}
-    if meta.get("source_stage") == "qat" and qparams and not wanted:
-        raise CheckpointError(f"{folded}: the qparams record no weight scales",
-                              hint="re-fold the QAT checkpoint with this qatconv version")
-    tensors = checkpoint.load_checkpoint(folded).tensors if wanted else {}
-    return {path: _quant_linear(model, path, rec, tensors, folded) for path, rec in wanted.items()}
+    quants = emulate.linear_quants(qparams, w8a8_only=False)
+    return {path: _quant_linear(model, path, q, qparams[path], folded)
+            for path, q in quants.items()}
 
 
-def _quant_linear(model: nn.Module, path: str, rec: dict[str, Any],
-                  tensors: dict[str, torch.Tensor], folded: Path) -> QuantLinear:
+def _quant_linear(model: nn.Module, path: str, q: Any, rec: dict[str, Any],
+                  folded: Path) -> QuantLinear:
     from qatconv.onnx_qdq import QuantLinear
 
     linear = model.get_submodule(path)
-    n = linear.out_features
-    scale = tensors.get(f"{path}.weight_scale")
-    scale = (scale.reshape(-1) if scale is not None
-             else torch.tensor(rec["scale"], dtype=torch.float32)).float()
-    zp = tensors.get(f"{path}.weight_zero_point")
-    if zp is None and "symmetric" not in str(rec.get("scheme", "symmetric")):
-        raise CheckpointError(f"{folded}: {path} has an affine weight scheme but no zero point",
-                              hint="re-fold with --emit-qparams")
-    zp = torch.zeros(n, dtype=torch.int32) if zp is None else zp.reshape(-1).to(torch.int32)
-    scale, zp = scale.expand(n).contiguous(), zp.expand(n).contiguous()
-    qmin, qmax = int(rec.get("quant_min", -128)), int(rec.get("quant_max", 127))
-    if not -128 <= qmin < qmax <= 127:
-        raise CheckpointError(f"{folded}: {path} weight range [{qmin}, {qmax}] is not int8")
+    scheme = str(rec.get("scheme", "symmetric"))
+    if "symmetric" not in scheme or not -128 <= q.weight_min < q.weight_max <= 127:
+        raise CheckpointError(
+            f"{folded}: {path} weights are {scheme} in [{q.weight_min}, {q.weight_max}]; "
+            "export writes per-channel symmetric int8 weights",
+            hint="prepare with the default weight scheme (--weight-bits 2..8)",
+        )
+    if q.weight_scale.shape != (linear.out_features,):
+        raise CheckpointError(f"{folded}: {path} has {q.weight_scale.size} weight scales for "
+                              f"{linear.out_features} output channels")
+    scale = torch.from_numpy(q.weight_scale)
+    zero = torch.zeros(linear.out_features, dtype=torch.int32)
     w = linear.weight.detach().float()
-    fq = torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
-    codes = torch.round(fq / scale[:, None]) + zp[:, None]
+    # torch's own fake-quant op, as the QAT ran it: the int8 weight is the simulated one.
+    fq = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, q.weight_min, q.weight_max)
+    codes = torch.round(fq / scale[:, None]).to(torch.int8).numpy()
     bias = None if linear.bias is None else linear.bias.detach().float().numpy()
-    return QuantLinear(path, codes.to(torch.int8).numpy(), scale.numpy(),
-                       zp.to(torch.int8).numpy(), bias, _input_quant(rec.get("input"), path, folded))
-
-
-def _input_quant(rec: object, path: str, folded: Path) -> InputQuant | None:
-    from qatconv.onnx_qdq import InputQuant
-
-    if rec is None:
-        return None
-    try:
-        assert isinstance(rec, dict)
-        dtype = _TORCH_ACT_DTYPES[str(rec["dtype"])]
-        return InputQuant(float(rec["scale"]), int(rec["zero_point"]), int(rec["qmin"]),
-                          int(rec["qmax"]), dtype)
-    except (AssertionError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folded}: input qparams of {path} are damaged ({e})",
-                              hint="re-fold the QAT checkpoint") from None
+    return QuantLinear(path, codes, q.weight_scale, bias, q.input)
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -274,21 +255,22 @@ def _sample_input(model: nn.Module, data: Any, input_shape: Sequence[int] | None
 def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Tensor,
             opset: int) -> tuple[onnx.ModelProto, list[Lowered]]:
     """Trace ``model`` with each of ``linears`` as a marker, then lower the markers."""
-    import copy
-
     import onnx
 
     from qatconv import onnx_qdq
+    from qatconv.modelcopy import copy_model
+    from qatconv.outputs import flatten_outputs
     from qatconv.qat import _set_submodule
 
-    traced = copy.deepcopy(model)
+    traced = copy_model(model)
     for path in linears:
         _set_submodule(traced, path, _Marker(traced.get_submodule(path), path))
     buf = io.BytesIO()
     with torch.no_grad():
         out = traced(sample)
-        names = [f"output_{i}" for i in range(len(leaves(out)))] if not isinstance(
-            out, torch.Tensor) else ["output"]
+        count = len(flatten_outputs(out).tensors)
+        names = ["output"] if isinstance(out, torch.Tensor) else [f"output_{i}"
+                                                                 for i in range(count)]
         try:
             torch.onnx.export(
                 traced, (sample,), buf, dynamo=False, opset_version=opset,
@@ -309,17 +291,6 @@ def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Ten
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def leaves(out: Any) -> list[Any]:
-    """The tensors of a model output (tensor, or nested tuples / lists / dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in leaves(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in leaves(v)]
-    return []
 
 
 class _Marker(nn.Module):

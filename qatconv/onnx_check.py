@@ -1,8 +1,9 @@
 """`export --check`: run the exported model in onnxruntime and hold it against two references.
 
-- the integer emulation: every quantized Linear computed on integers in numpy (inputs quantized
-  with the recorded qparams as ONNX ``QuantizeLinear`` does, int64 accumulation, then rescale and
-  bias in float64); weight-only Linears quantize their input as ``DynamicQuantizeLinear`` does.
+- the integer emulation (`qatconv.emulate`): every quantized Linear computed on integers in
+  numpy (inputs quantized with the recorded qparams as ONNX ``QuantizeLinear`` does, exact
+  integer accumulation, then rescale and bias in float64); weight-only Linears quantize their
+  input as ``DynamicQuantizeLinear`` does.
   What an int8 runtime must compute: onnxruntime should match it to float rounding.
 - the QAT simulation: the same Linears with torch's fake quant on input and weight (the ops the
   QAT ran), float32.
@@ -13,7 +14,6 @@ weight: a ``DequantizeLinear`` there means the matmul runs in float.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from qatconv.onnx_qdq import INT8_KERNELS, InputQuant, Lowered, QuantLinear, kernels_by_linear
+from qatconv import emulate
+from qatconv.onnx_qdq import INT8_KERNELS, Lowered, QuantLinear, kernels_by_linear
 
 BATCH = 256
 # onnxruntime vs the emulation: the accumulators are exact; the rescale is float32 there and
@@ -83,31 +84,19 @@ class ExportCheck:
 # ---------------------------------------------------------------------------- the emulation
 
 
-def quantize_input(x: np.ndarray, q: InputQuant) -> np.ndarray:
-    """ONNX ``QuantizeLinear`` (float32 division, round half to even), clamped to the range."""
-    codes = np.rint(x.astype(np.float32) / np.float32(q.scale)) + q.zero_point
-    return np.clip(codes, q.qmin, q.qmax).astype(np.int64)
-
-
 def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
-    """ONNX ``DynamicQuantizeLinear``: uint8 over ``[min(0, x), max(0, x)]``, float32."""
+    """ONNX ``DynamicQuantizeLinear``: uint8 over ``[min(0, x), max(0, x)]``, in float32."""
     x = x.astype(np.float32)
     lo, hi = np.float32(min(0.0, float(x.min()))), np.float32(max(0.0, float(x.max())))
     scale = np.float32((hi - lo) / np.float32(255)) if hi > lo else np.float32(1)
     zp = int(np.clip(np.rint(np.float32(0) - lo / scale), 0, 255))
-    return np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.int64), scale, zp
-
-
-def int_linear(codes: np.ndarray, zero_point: int, scale: float, q: QuantLinear) -> np.ndarray:
-    """``(codes - zp) @ (W - wzp)^T`` in int64, then rescale and bias in float64."""
-    w = q.weight.astype(np.int64) - q.weight_zero_point.astype(np.int64)[:, None]
-    acc = (codes - zero_point) @ w.T
-    y = acc * (np.float64(scale) * q.weight_scale.astype(np.float64))
-    return y if q.bias is None else y + q.bias.astype(np.float64)
+    return emulate.quantize(x, scale, zp, 0, 255), scale, zp
 
 
 class EmulatedLinear(nn.Module):
-    """A quantized Linear computed on integers; records its input codes per call."""
+    """A quantized Linear computed on integers (`qatconv.emulate`, from the exported int8
+    weight); records its input codes per call. A weight-only Linear quantizes its input as
+    onnxruntime's dynamic form does."""
 
     def __init__(self, q: QuantLinear) -> None:
         super().__init__()
@@ -116,13 +105,18 @@ class EmulatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xn = x.detach().float().numpy()
-        if self.q.input is None:
-            codes, scale, zp = dynamic_quantize(xn)
+        x2 = xn.reshape(-1, xn.shape[-1])
+        a = self.q.input
+        if a is None:
+            codes, scale, zp = dynamic_quantize(x2)
         else:
-            codes, scale, zp = quantize_input(xn, self.q.input), self.q.input.scale, \
-                self.q.input.zero_point
-        self.codes.append(codes)
-        y = int_linear(codes.reshape(-1, xn.shape[-1]), zp, float(scale), self.q)
+            codes = emulate.quantize(x2, a.scale, a.zero_point, a.quant_min, a.quant_max)
+            scale, zp = np.float32(a.scale), a.zero_point
+        self.codes.append(codes.reshape(xn.shape))
+        acc = emulate.int_matmul(codes, zp, self.q.weight.astype(np.int64))
+        y = acc.astype(np.float64) * (float(scale) * self.q.weight_scale.astype(np.float64))
+        if self.q.bias is not None:
+            y += self.q.bias.astype(np.float64)
         return torch.from_numpy(y.astype(np.float32).reshape(*xn.shape[:-1], -1))
 
 
@@ -132,14 +126,14 @@ class SimulatedLinear(nn.Module):
     def __init__(self, q: QuantLinear) -> None:
         super().__init__()
         self.q = q
-        w = q.weight.astype(np.float32) - q.weight_zero_point.astype(np.float32)[:, None]
-        self.weight = torch.from_numpy(w * q.weight_scale[:, None])
+        self.weight = torch.from_numpy(q.weight.astype(np.float32) * q.weight_scale[:, None])
         self.bias = None if q.bias is None else torch.from_numpy(q.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.q.input
         if a is not None:
-            x = torch.fake_quantize_per_tensor_affine(x, a.scale, a.zero_point, a.qmin, a.qmax)
+            x = torch.fake_quantize_per_tensor_affine(x, a.scale, a.zero_point, a.quant_min,
+                                                      a.quant_max)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -156,6 +150,7 @@ def check_onnx(
     allow_float_kernels: bool = False,
 ) -> ExportCheck:
     """Run ``proto`` in onnxruntime on ``inputs`` and compare (see the module docstring)."""
+    from qatconv.modelcopy import copy_model
     from qatconv.qat import _set_submodule
 
     x = inputs.float().numpy()
@@ -168,10 +163,10 @@ def check_onnx(
         ref = _run_torch(model, inputs)
         comps = (_compare("float", got, ref),)
         return _verdict(len(x), comps, {}, kernels, float_kernels, allow_float_kernels)
-    emulated = copy.deepcopy(model)
+    emulated = copy_model(model)
     for path, q in linears.items():
         _set_submodule(emulated, path, EmulatedLinear(q))
-    simulated = copy.deepcopy(model)
+    simulated = copy_model(model)
     for path, q in linears.items():
         _set_submodule(simulated, path, SimulatedLinear(q))
     comps = (_compare("emulation", got, _run_torch(emulated, inputs)),
@@ -201,11 +196,12 @@ def _run_ort(sess: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
 
 
 def _run_torch(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
-    from qatconv.export import leaves
+    """The model's first output (what onnxruntime's first output is compared with)."""
+    from qatconv.outputs import first_output
 
     with torch.no_grad():
-        parts = [leaves(model(inputs[i : i + BATCH].float()))[0]
-                 for i in range(0, len(inputs), BATCH)]
+        parts = [first_output(model(chunk), len(chunk))
+                 for chunk in inputs.float().split(BATCH)]
     return torch.cat(parts).float().numpy()
 
 

@@ -30,6 +30,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qatconv.config import InputQParams
+from qatconv.errors import CheckpointError
+
 MARKER_DOMAIN = "qatconv"
 MARKER_OP = "QLinear"
 
@@ -38,38 +41,28 @@ INT8_KERNELS = frozenset({
     "QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger",
 })
 
-_DTYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+# torch's quantized dtype names (the metadata's) -> numpy dtype and full range.
+_DTYPES = {"quint8": (np.uint8, 0, 255), "qint8": (np.int8, -128, 127)}
 
 
-@dataclass(frozen=True)
-class InputQuant:
-    """A Linear input's static quantization: ``clamp(round(x / scale) + zero_point, qmin, qmax)``."""
+def act_dtype(q: InputQParams) -> tuple[type, int, int]:
+    """``(numpy dtype, lowest, highest)`` of an input's quantized dtype.
 
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-    dtype: str  # "uint8" | "int8"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"input dtype {self.dtype!r} is not uint8 or int8")
-        _, lo, hi = _DTYPES[self.dtype]
-        if not lo <= self.qmin <= self.zero_point <= self.qmax <= hi:
-            raise ValueError(f"input range [{self.qmin}, {self.qmax}] with zero point "
-                             f"{self.zero_point} does not fit {self.dtype}")
-        if not 0 < self.scale < float("inf"):
-            raise ValueError(f"input scale must be positive and finite, got {self.scale}")
-
-    @property
-    def full_range(self) -> bool:
-        _, lo, hi = _DTYPES[self.dtype]
-        return (self.qmin, self.qmax) == (lo, hi)
+    Raises:
+        CheckpointError: a dtype ONNX QuantizeLinear cannot produce here, or a range outside it.
+    """
+    entry = _DTYPES.get(q.dtype)
+    if entry is None or not entry[1] <= q.quant_min < q.quant_max <= entry[2]:
+        raise CheckpointError(
+            f"input qparams {q.to_json()} are not an 8-bit range ({', '.join(_DTYPES)})",
+            hint="re-fold the QAT checkpoint with this qatconv",
+        )
+    return entry
 
 
 @dataclass(frozen=True)
 class QuantLinear:
-    """One quantized Linear: int8 weight codes with per-channel scale and zero point.
+    """One quantized Linear: int8 weight codes with per-channel symmetric scales.
 
     ``input`` None means weight-only: the export uses onnxruntime's dynamic int8 form.
     """
@@ -77,9 +70,8 @@ class QuantLinear:
     path: str
     weight: np.ndarray  # int8 (out, in)
     weight_scale: np.ndarray  # float32 (out,)
-    weight_zero_point: np.ndarray  # int8 (out,)
     bias: np.ndarray | None  # float32 (out,)
-    input: InputQuant | None
+    input: InputQParams | None
 
     @property
     def form(self) -> str:
@@ -137,7 +129,7 @@ def _weight_inits(q: QuantLinear, transposed: bool) -> tuple[str, list[TensorPro
     inits = [
         numpy_helper.from_array(w.astype(np.int8), name),
         numpy_helper.from_array(q.weight_scale.astype(np.float32), f"{q.path}.weight_scale"),
-        numpy_helper.from_array(q.weight_zero_point.astype(np.int8),
+        numpy_helper.from_array(np.zeros(len(q.weight_scale), np.int8),
                                 f"{q.path}.weight_zero_point"),
     ]
     if q.bias is not None:
@@ -150,16 +142,18 @@ def _static_nodes(
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], Lowered]:
     assert q.input is not None
     a = q.input
-    np_dtype = _DTYPES[a.dtype][0]
+    np_dtype, lowest, highest = act_dtype(a)
     s, z = f"{q.path}.input_scale", f"{q.path}.input_zero_point"
     inits = [numpy_helper.from_array(np.array(a.scale, np.float32), s),
              numpy_helper.from_array(np.array(a.zero_point, np_dtype), z)]
     nodes = []
-    if not a.full_range:
+    if (a.quant_min, a.quant_max) != (lowest, highest):
         lo, hi = f"{q.path}.input_clip_min", f"{q.path}.input_clip_max"
         scale32 = np.float32(a.scale)
-        inits += [numpy_helper.from_array(np.array((a.qmin - a.zero_point) * scale32, np.float32), lo),
-                  numpy_helper.from_array(np.array((a.qmax - a.zero_point) * scale32, np.float32), hi)]
+        inits += [
+            numpy_helper.from_array(np.array((a.quant_min - a.zero_point) * scale32), lo),
+            numpy_helper.from_array(np.array((a.quant_max - a.zero_point) * scale32), hi),
+        ]
         nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{tag}/clipped"], name=f"{tag}/Clip"))
         x = f"{tag}/clipped"
     xq, xd, wd, mm = f"{tag}/input_q", f"{tag}/input_dq", f"{tag}/weight_dq", f"{tag}/matmul"
@@ -189,8 +183,6 @@ def _dynamic_nodes(
     xq, xs, xz = f"{tag}/input_q", f"{tag}/input_scale", f"{tag}/input_zero_point"
     acc, accf, sc, mm = f"{tag}/acc", f"{tag}/acc_float", f"{tag}/scale", f"{tag}/matmul"
     mmi_inputs = [xq, w, xz]
-    if q.weight_zero_point.any():
-        mmi_inputs.append(f"{q.path}.weight_zero_point")
     nodes = [
         helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
                          name=f"{tag}/DynamicQuantizeLinear"),

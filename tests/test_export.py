@@ -235,8 +235,8 @@ def test_float_checkpoint_exports_float(tmp_path: Path, cli: Any) -> None:
 
 
 @pytest.mark.parametrize(("act", "x_range", "w_range"), [
-    ("uint8", (0, 127), (-128, 127)),  # x86 / fbgemm: 7-bit activations
-    ("int8", (-128, 127), (-127, 127)),  # qnnpack: int8 activations, narrow weights
+    ("quint8", (0, 127), (-128, 127)),  # x86 / fbgemm: 7-bit activations
+    ("qint8", (-128, 127), (-127, 127)),  # qnnpack: int8 activations, narrow weights
 ])
 @pytest.mark.parametrize("rank", [2, 3])
 def test_fused_kernels_are_bit_exact_for_the_chosen_ranges(
@@ -245,7 +245,8 @@ def test_fused_kernels_are_bit_exact_for_the_chosen_ranges(
     """The W8A8 ranges make onnxruntime's fused int8 kernels exact on this CPU: operands at
     the extremes (adjacent pairs that maximise a u8 x s8 pair sum) and power-of-two scales, so
     the only rounding left is int32 -> float32; every output equals the integer accumulator."""
-    from qatconv.onnx_qdq import InputQuant, QuantLinear, lower_markers
+    from qatconv.config import InputQParams
+    from qatconv.onnx_qdq import QuantLinear, lower_markers
 
     rng = np.random.default_rng(5)
     m, k, n = 64, 2048, 32
@@ -255,8 +256,8 @@ def test_fused_kernels_are_bit_exact_for_the_chosen_ranges(
     w = rng.integers(wlo, whi + 1, (n, k))
     w[0], w[1], w[2] = wlo, whi, np.tile([wlo, wlo, whi, whi], k // 4)
     s_x, s_w = 2.0**-4, 2.0 ** -rng.integers(5, 9, n)
-    q = QuantLinear("lin", w.astype(np.int8), s_w.astype(np.float32), np.zeros(n, np.int8),
-                    None, InputQuant(s_x, 0, xlo, xhi, act))
+    q = QuantLinear("lin", w.astype(np.int8), s_w.astype(np.float32), None,
+                    InputQParams(s_x, 0, xlo, xhi, act))
     shape = ["B", k] if rank == 2 else ["B", 1, k]
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("QLinear", ["x"], ["y"], domain="qatconv", path="lin", rank=rank)],
