@@ -84,13 +84,21 @@ class ExportCheck:
 # ---------------------------------------------------------------------------- the emulation
 
 
+def onnx_quantize(x: np.ndarray, scale: float, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
+    """ONNX ``QuantizeLinear`` as onnxruntime runs it: ``x / scale`` in float32 (a division:
+    torch's fake quant multiplies by the float32 reciprocal, which differs within an ulp of a
+    rounding tie), round half to even, clamp."""
+    q = np.rint(x.astype(np.float32) / np.float32(scale)) + zero_point
+    return np.clip(q, qmin, qmax).astype(np.int64)
+
+
 def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
     """ONNX ``DynamicQuantizeLinear``: uint8 over ``[min(0, x), max(0, x)]``, in float32."""
     x = x.astype(np.float32)
     lo, hi = np.float32(min(0.0, float(x.min()))), np.float32(max(0.0, float(x.max())))
     scale = np.float32((hi - lo) / np.float32(255)) if hi > lo else np.float32(1)
     zp = int(np.clip(np.rint(np.float32(0) - lo / scale), 0, 255))
-    return emulate.quantize(x, scale, zp, 0, 255), scale, zp
+    return onnx_quantize(x, float(scale), zp, 0, 255), scale, zp
 
 
 class EmulatedLinear(nn.Module):
@@ -110,7 +118,7 @@ class EmulatedLinear(nn.Module):
         if a is None:
             codes, scale, zp = dynamic_quantize(x2)
         else:
-            codes = emulate.quantize(x2, a.scale, a.zero_point, a.quant_min, a.quant_max)
+            codes = onnx_quantize(x2, a.scale, a.zero_point, a.quant_min, a.quant_max)
             scale, zp = np.float32(a.scale), a.zero_point
         self.codes.append(codes.reshape(xn.shape))
         acc = emulate.int_matmul(codes, zp, self.q.weight.astype(np.int64))
