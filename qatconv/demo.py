@@ -36,6 +36,8 @@ class DemoResult:
     low_bits: int | None
     seconds: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    # The folded int8 model exported to ONNX and run in onnxruntime (None: no onnx extra).
+    onnxruntime: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,8 @@ class DemoResult:
             "low_bits": self.low_bits,
             "seconds": self.seconds,
             "files": self.files,
+            "onnxruntime_accuracy": self.onnxruntime["accuracy"] if self.onnxruntime else None,
+            "onnxruntime": self.onnxruntime,
         }
 
 
@@ -142,6 +146,12 @@ def run(
     folded = api.load_folded(api.load_model(ModelConfig(spec=spec)).model, folded_path)
     folded_acc = _accuracy(folded, held.inputs, held.targets)
     assert result.check is not None
+    t = time.perf_counter()
+    ort_row = _onnxruntime(folded_path, output_dir / "digits_w8.onnx", heldout, held, force)
+    if ort_row is not None:
+        seconds["onnx_export_check"] = time.perf_counter() - t
+    else:
+        note('onnxruntime row skipped: pip install "qatconv[onnx]" to export and run it')
     return DemoResult(
         float_accuracy=float_acc,
         ptq_accuracy=ptq,
@@ -151,7 +161,33 @@ def run(
         low_bits=low_bits,
         seconds=seconds,
         files=files,
+        onnxruntime=ort_row,
     )
+
+
+def _onnxruntime(folded: Path, out: Path, heldout: Path, held: Any,
+                 force: bool) -> dict[str, Any] | None:
+    """Export the folded int8 model, check it in onnxruntime, and measure its accuracy."""
+    from qatconv import export
+    from qatconv.errors import BadInputError as _Missing
+
+    try:
+        export.require_onnx()
+    except _Missing:
+        return None
+    from qatconv import onnx_check
+
+    report = export.export(folded, out, check=heldout, force=force)
+    assert report.check is not None
+    logits = onnx_check.run_onnx(out, held.inputs)
+    sim = next(c for c in report.check.comparisons if c.reference == "simulation")
+    return {
+        "accuracy": float((logits.argmax(1) == held.targets.numpy()).mean()),
+        "file": str(out),
+        "mode": report.mode,
+        "kernels": sorted({k for ks in report.check.kernels.values() for k in ks}),
+        "top1_agreement_vs_simulation": sim.top1_agreement,
+    }
 
 
 def table(result: DemoResult) -> Any:
@@ -170,6 +206,10 @@ def table(result: DemoResult) -> Any:
                   f"{(acc - result.float_accuracy) * 100:+.1f} pt")
     t.add_row("folded (BN gone, float weights)", f"{result.folded_accuracy:.2%}",
               f"{(result.folded_accuracy - result.float_accuracy) * 100:+.1f} pt")
+    if result.onnxruntime:
+        o = result.onnxruntime
+        t.add_row(f"onnxruntime int8 ({o['mode']}: {', '.join(o['kernels'])})",
+                  f"{o['accuracy']:.2%}", f"{(o['accuracy'] - result.float_accuracy) * 100:+.1f} pt")
     t.caption = (
         f"max fold error {result.max_fold_error:.2e}; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

@@ -197,6 +197,11 @@ def session(proto: onnx.ModelProto, optimized: Path | None = None,
                                 providers=["CPUExecutionProvider"])
 
 
+def run_onnx(path: Path, inputs: torch.Tensor) -> np.ndarray:
+    """The first output of the ONNX model at ``path`` on ``inputs`` (CPU, all optimizations)."""
+    return _run_ort(session(onnx.load(str(path))), inputs.float().numpy())[0]
+
+
 def _run_ort(sess: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
     name = sess.get_inputs()[0].name
     parts = [sess.run(None, {name: x[i : i + BATCH]}) for i in range(0, len(x), BATCH)]

@@ -87,3 +87,15 @@ def test_demo_files_exist_and_load(demo: dict[str, Any]) -> None:
     with torch.no_grad():
         acc = float((model.eval()(x).argmax(1) == y).double().mean())
     assert acc == pytest.approx(demo["json"]["folded_accuracy"], abs=1e-12)
+
+
+def test_demo_runs_the_int8_model_in_onnxruntime(demo: dict[str, Any]) -> None:
+    pytest.importorskip("onnxruntime")
+    obj = demo["json"]
+    o = obj["onnxruntime"]
+    assert o["kernels"] and set(o["kernels"]) <= {
+        "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}, o
+    assert Path(o["file"]).is_file()
+    # The int8 model onnxruntime runs classifies as the QAT simulation it was checked against.
+    assert o["top1_agreement_vs_simulation"] >= 0.9975
+    assert abs(obj["onnxruntime_accuracy"] - obj["qat_accuracy"]["8"]) <= 0.003
