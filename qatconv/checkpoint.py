@@ -4,9 +4,9 @@ Reading never trusts a file: safetensors headers are validated by `qatconv.st_fo
 safetensors library sees them, pickles go through ``torch.load(weights_only=True)`` unless the
 user said ``--trust-pickle``, and every failure becomes a `CheckpointError` (exit 3).
 
-Writing is atomic and deterministic: a temp file beside the target, fsync, ``os.replace``; the
-header (sorted metadata, tensors ordered by element size then name) is written here rather than
-by the safetensors library, whose metadata order changes from run to run.
+Writing is atomic and deterministic (`write_safetensors`, over `st_format.StreamWriter`): the
+header (sorted metadata, tensors ordered by element size then name) is built by qatconv rather
+than by the safetensors library, whose metadata order changes from run to run.
 
 torch is imported inside the functions that need it, so `read_metadata` (used by `inspect`)
 stays torch-free.
@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv import st_format
+from qatconv import dtypes, st_format
 from qatconv.errors import CheckpointError, OutputError
 
 if TYPE_CHECKING:
@@ -166,7 +165,7 @@ def _read_st_tensors(
     out: dict[str, Any] = {}
     for name, buf in raw.items():
         info = header.tensors[name]
-        dtype = getattr(torch, _TORCH_NAMES[info.dtype], None)
+        dtype = getattr(torch, dtypes.DTYPES[info.dtype].torch, None)
         if dtype is None:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {info.dtype}, which this torch "
@@ -485,30 +484,6 @@ def _listing(what: str, keys: list[str]) -> str:
 
 # --------------------------------------------------------------------------------------- writing
 
-_ST_DTYPES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-    "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64",
-}  # fmt: skip
-# The safetensors library's Dtype enum order: it lays tensors out by descending dtype, then name,
-# which keeps each tensor aligned to its element size; we use the same layout.
-_ST_RANK: dict[str, int] = {
-    d: i
-    for i, d in enumerate(
-        ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
-         "I32", "U32", "F32", "F64", "I64", "U64")
-    )
-}  # fmt: skip
-
-
-_TORCH_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _st_dtype(t: torch.Tensor) -> str:
-    return _ST_DTYPES[str(t.dtype).removeprefix("torch.")]
-
-
 def check_output_path(path: Path, *, force: bool, inputs: Sequence[Path]) -> None:
     """Refuse an output path before any work is done.
 
@@ -560,10 +535,11 @@ def write_safetensors(
 ) -> None:
     """Write ``tensors`` as one safetensors file, atomically and byte-deterministically.
 
-    The metadata always gets ``"format": "pt"``; its keys are sorted, tensors are laid out as
-    the safetensors library does (descending dtype, then name: each tensor is aligned). The bytes go to a temp file in
-    the target folder, are fsynced, and replace ``path`` with ``os.replace``; on any failure the
-    temp file is removed and ``path`` is untouched.
+    A thin layer over `st_format.StreamWriter` (the one safetensors writer): the metadata
+    always gets ``"format": "pt"``, its keys sorted; tensors are laid out as the safetensors
+    library does (descending dtype, then name: each tensor is aligned), the header is the
+    library's bytes (`st_format.build_header`). The file is written atomically
+    (`atomic.AtomicFile`): on any failure ``path`` is untouched and no temp file is left.
 
     Raises:
         OutputError: see `check_output_path`; a tensor dtype safetensors cannot hold; a
@@ -571,27 +547,21 @@ def write_safetensors(
     """
     path = Path(path)
     check_output_path(path, force=force, inputs=inputs)
-    meta = dict(metadata)
-    bad = sorted(str(k) for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str)))
+    bad = sorted(str(k) for k, v in metadata.items()
+                 if not (isinstance(k, str) and isinstance(v, str)))  # fmt: skip
     if bad:
         raise OutputError(f"metadata entries must be strings: {', '.join(bad[:5])}")
-    meta["format"] = "pt"
     prepared = {name: _prepare(name, t) for name, t in tensors.items()}
-    order = sorted(prepared, key=lambda n: (-_ST_RANK[_st_dtype(prepared[n])], n))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset = 0
-    for name in order:
-        t = prepared[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _st_dtype(t),
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # data buffer starts 8-byte aligned
-    _atomic_write(path, raw, [prepared[n] for n in order])
+    entries = st_format.canonical_order(
+        [(name, dtypes.st_dtype(t.dtype), t.shape) for name, t in prepared.items()]
+    )
+    try:
+        writer = st_format.StreamWriter(path, entries, metadata)
+    except ValueError as e:  # a name safetensors reserves
+        raise OutputError(f"cannot write {path}: {e}") from None
+    with writer:
+        for name, _, _ in entries:
+            writer.write(name, dtypes.tensor_bytes(prepared[name]))
 
 
 def _prepare(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -599,68 +569,9 @@ def _prepare(name: str, t: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(t, torch.Tensor):
         raise OutputError(f"cannot save {name!r}: it is a {type(t).__name__}, not a tensor")
-    if str(t.dtype).removeprefix("torch.") not in _ST_DTYPES or t.is_sparse or t.is_quantized:
+    if dtypes.st_dtype(t.dtype) is None or t.is_sparse or t.is_quantized:
         raise OutputError(f"cannot save {name!r}: safetensors has no {t.dtype} (or layout) type")
     return t.detach().to("cpu").contiguous()
-
-
-def _atomic_write(path: Path, header: bytes, tensors: list[torch.Tensor]) -> None:
-    import torch
-
-    def parts() -> Iterator[bytes | memoryview]:
-        yield len(header).to_bytes(8, "little")
-        yield header
-        for t in tensors:
-            if t.numel():
-                yield t.reshape(-1).view(torch.uint8).numpy().data
-
-    write_atomic(path, parts())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see `write_atomic`)."""
-    write_atomic(Path(path), [data])
-
-
-def write_atomic(path: Path, parts: Iterable[bytes | memoryview]) -> None:
-    """Write ``parts`` to a temp file beside ``path``, fsync, rename over ``path``, fsync the
-    folder; on any failure the temp file is removed and ``path`` is untouched.
-
-    Raises:
-        OutputError: the write failed (disk full, permissions).
-    """
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects of an output
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(
-            f"cannot write {path}: {e.strerror or e}",
-            hint="check that the output folder is writable and has free space",
-        ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 # -------------------------------------------------------------------------------------- metadata

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatconv.atomic import write_atomic
 from qatconv.config import ModelConfig
 from qatconv.errors import BadInputError, CheckFailedError, CheckpointError, UsageError
 
@@ -130,7 +131,7 @@ def export(
                 "(--allow-float-kernels accepts that); errors: compare with `fold --check`",
             )
     raw = proto.SerializeToString()
-    checkpoint.write_bytes_atomic(out, raw)
+    write_atomic(out, raw)
     return ExportReport(out, _mode(linears), _linear_rows(lowered), opset, len(raw),
                         result, time.perf_counter() - started)
 

@@ -19,12 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from qatconv import st_format
+from qatconv.atomic import AtomicFile
+from qatconv.dtypes import SIZES, tensor_bytes
 from qatconv.errors import CheckpointError, OutputError, UsageError
 from qatconv.fold_plan import (
     TORCH_DTYPES,
@@ -175,9 +177,9 @@ def fold_file(
         targets = _target_paths(out, len(shards), max_shard_size is not None)
         _check_targets(source, targets, force)
         index = _index_json(shards, targets, meta) if max_shard_size is not None else None
-        writers = _write_files(source, plan, shards, targets, meta, index, fsync, on_pair)
-    report.files = [w.final_path for w in writers]
-    report.bytes_out = sum(w.size for w in writers[: len(shards)])
+        report.files, report.bytes_out = _write_files(
+            source, plan, shards, targets, meta, index, fsync, on_pair
+        )
     logger.info(
         "folded %d pairs from %s into %s (%d tensors removed)",
         len(report.pairs), src, out, len(report.removed),
@@ -230,33 +232,36 @@ def _write_files(
     index: bytes | None,
     fsync: bool,
     on_pair: Callable[[str], None] | None,
-) -> list[_Pending]:
+) -> tuple[list[Path], int]:
     """Write every shard (and the index, when given) to temp files; rename all once all are
-    complete, or remove all on any failure."""
+    complete, or remove all on any failure. Returns the files and the shards' total size."""
     by_name = {o.name: o for o in plan.outputs}
-    writers: list[_Pending] = []
+    shard_writers: list[st_format.StreamWriter] = []
+    files: list[st_format.StreamWriter | AtomicFile] = []
     queue = _WriteQueue()
     try:
         buffers = _Buffers()
         for entries, target in zip(shards, targets, strict=False):
             writer = st_format.StreamWriter(target, entries, meta, fsync=fsync, commit=False)
-            writers.append(writer)
+            shard_writers.append(writer)
+            files.append(writer)
             with writer:
                 _write_shard(queue, writer, [by_name[n] for n, _, _ in entries], source, buffers,
                              on_pair)  # fmt: skip
         if index is not None:
-            index_writer = _RawWriter(targets[-1], index, fsync)
-            writers.append(index_writer)
-            index_writer.write_now()
-        for w in writers:
-            w.commit()
+            index_file = AtomicFile(targets[-1], fsync=fsync, commit=False)
+            files.append(index_file)
+            with index_file:
+                index_file.write_all(index)
+        for f in files:
+            f.commit()
     except BaseException:
-        for w in writers:
-            w.discard()
+        for f in files:
+            f.discard()
         raise
     finally:
         queue.abort()
-    return writers
+    return [f.final_path for f in files], sum(w.size for w in shard_writers)
 
 
 def _write_shard(
@@ -278,7 +283,7 @@ def _write_shard(
                 queue.submit(writer.copy_range, source.fds[i], h.data_start + info.begin,
                              info.nbytes, o.name)  # fmt: skip
             elif o.tensor is not None:
-                queue.submit(writer.write, o.name, _tensor_bytes(o.tensor))
+                queue.submit(writer.write, o.name, tensor_bytes(o.tensor))
             else:
                 assert o.pair is not None
                 pp = o.pair
@@ -378,7 +383,7 @@ def _stream_weight(
     if rows * cols == 0:
         queue.submit(writer.write, name, b"")
         return
-    itemsize = st_format.DTYPE_SIZES[pp.weight_dtype]
+    itemsize = SIZES[pp.weight_dtype]
     block = max(1, CHUNK_ELEMENTS // cols)
     scale = pp.scale.numpy()
     key = pp.pair.weight_key
@@ -410,13 +415,6 @@ def _stream_weight(
         buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
 def _split(
     ordered: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int | None
 ) -> list[list[tuple[str, str, tuple[int, ...]]]]:
@@ -425,7 +423,7 @@ def _split(
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for entry in ordered:
-        n = math.prod(entry[2]) * st_format.DTYPE_SIZES[entry[1]]
+        n = math.prod(entry[2]) * SIZES[entry[1]]
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
@@ -448,60 +446,11 @@ def _index_json(
 ) -> bytes:
     weight_map = {name: t.name for entries, t in zip(shards, targets, strict=False)
                   for name, _, _ in entries}  # fmt: skip
-    total = sum(math.prod(s) * st_format.DTYPE_SIZES[d] for es in shards for _, d, s in es)
+    total = sum(math.prod(s) * SIZES[d] for es in shards for _, d, s in es)
     meta: dict[str, Any] = {k: v for k, v in metadata.items() if k != "format"}
     meta["total_size"] = total
     index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-class _Pending(Protocol):
-    """A finished temporary file waiting to be renamed onto ``final_path``."""
-
-    final_path: Path
-    size: int
-
-    def commit(self) -> None: ...
-    def discard(self) -> None: ...
-
-
-class _RawWriter:
-    """Writes a small non-safetensors file (the index) to a temp file, renamed by commit()."""
-
-    def __init__(self, path: Path, data: bytes, fsync: bool) -> None:
-        self.final_path = path
-        self.temp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.data = data
-        self.size = len(data)
-        self._fsync = fsync
-
-    def write_now(self) -> None:
-        try:
-            fd = os.open(
-                self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
-            )
-            try:
-                os.write(fd, self.data)
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            self.discard()
-            raise OutputError(f"cannot write {self.final_path}: {e.strerror or e}") from None
-
-    def commit(self) -> None:
-        try:
-            os.replace(self.temp_path, self.final_path)
-        except OSError as e:
-            self.discard()
-            raise OutputError(f"cannot write {self.final_path}: {e.strerror or e}") from None
-
-    def discard(self) -> None:
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
 
 
 def _refuse_input_as_output(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:

@@ -14,7 +14,6 @@ little-endian host).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -27,7 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import final
 
-from qatconv.errors import CheckpointError, OutputError
+from qatconv.atomic import AtomicFile, copy_fd_chunk
+from qatconv.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -444,13 +444,7 @@ def _short(path: Path, name: str) -> CheckpointError:
     )
 
 
-# Errors after which an in-kernel copy method is unavailable for this pair of files (other
-# filesystem, old kernel, special file) and the next method is tried.
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM,
-                       errno.ETXTBSY, errno.EBADF}  # fmt: skip
-_NO_SENDFILE = {errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _COPY_STEP = 32 << 20  # bytes per copy syscall
-_PREAD_STEP = 8 << 20  # bytes per pread in the plain fallback
 # With fsync on, data is pushed to disk while it is written and dropped from the page cache
 # one window behind the write position: the final fsync then has one window left to flush,
 # and the file never holds more than two windows of dirty page cache.
@@ -484,30 +478,28 @@ class StreamWriter:
         fsync: bool = True,
         commit: bool = True,
     ) -> None:
-        self.final_path = Path(final_path)
-        self.temp_path = self.final_path.with_name(f".{self.final_path.name}.tmp-{os.getpid()}")
+        self._file = AtomicFile(final_path, fsync=fsync, commit=commit)
         self.header_bytes, self.offsets = build_header(entries, metadata)
         self.size = len(self.header_bytes) + sum(e - b for b, e in self.offsets.values())
         self._names = [e[0] for e in entries]
         self._sizes = [self.offsets[n][1] - self.offsets[n][0] for n in self._names]
-        self._fsync = fsync
-        self._auto_commit = commit
-        self._fd: int | None = None
         self._pos = 0  # bytes written to the temp file
         self._flushed = 0  # bytes handed to writeback and dropped from the page cache
         self._i = 0  # index of the tensor being filled
         self._filled = 0  # bytes of it written so far
-        self._finished = False
         self.copy_method = "copy_file_range"  # then "sendfile", then "pread"
+
+    @property
+    def final_path(self) -> Path:
+        return self._file.final_path
+
+    @property
+    def temp_path(self) -> Path:
+        return self._file.temp_path
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> StreamWriter:
-        try:
-            self._fd = os.open(
-                self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
-            )
-        except OSError as e:
-            raise self._output_error(e) from None
+        self._file.open()
         self._write_all(self.header_bytes)
         return self
 
@@ -517,40 +509,23 @@ class StreamWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            self.discard()
-            return
-        try:
-            self._finish()
-        except BaseException:
-            self.discard()
-            raise
-        if self._auto_commit:
-            self.commit()
+        if exc_type is None:
+            try:
+                self._check_complete()
+            except BaseException:
+                self._file.discard()
+                raise
+        self._file.__exit__(exc_type, exc, tb)
 
     def commit(self) -> None:
         """Rename the finished temporary file onto ``final_path`` (after a clean exit)."""
-        if not self._finished:
+        if not self._file.finished:
             raise ValueError("commit() before the writer finished")
-        try:
-            os.replace(self.temp_path, self.final_path)
-        except OSError as e:
-            self.discard()
-            raise self._output_error(e) from None
-        if self._fsync:
-            _fsync_dir(self.final_path.parent)
+        self._file.commit()
 
     def discard(self) -> None:
         """Close and remove the temporary file; safe to call more than once."""
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            finally:
-                self._fd = None
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+        self._file.discard()
 
     # -- data ------------------------------------------------------------------------------
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
@@ -575,38 +550,17 @@ class StreamWriter:
     def copy_range(self, src_fd: int, offset: int, nbytes: int, name: str | None = None) -> None:
         """Append ``nbytes`` read from ``src_fd`` at ``offset`` to the tensor being written.
 
-        The copy stays in the kernel (copy_file_range, else sendfile), falling back to a pread
-        loop where neither works. ``name``, when given, is checked against the declared order.
+        The copy stays in the kernel where it can (`atomic.copy_fd_chunk`). ``name``, when
+        given, is checked against the declared order.
         """
         target = self._claim(name, nbytes)
-        fd = self._require_fd()
+        fd = self._file.require_fd()
         left = nbytes
         try:
             while left > 0:
-                step = min(left, _COPY_STEP)
-                if self.copy_method == "copy_file_range":
-                    try:
-                        k = os.copy_file_range(src_fd, fd, step, offset)
-                    except OSError as e:
-                        if e.errno not in _NO_COPY_FILE_RANGE:
-                            raise
-                        logger.debug("copy_file_range unavailable (%s); using sendfile", e)
-                        self.copy_method = "sendfile"
-                        continue
-                elif self.copy_method == "sendfile":
-                    try:
-                        k = os.sendfile(fd, src_fd, offset, step)
-                    except OSError as e:
-                        if e.errno not in _NO_SENDFILE:
-                            raise
-                        logger.debug("sendfile unavailable (%s); using pread", e)
-                        self.copy_method = "pread"
-                        continue
-                else:
-                    chunk = os.pread(src_fd, min(step, _PREAD_STEP), offset)
-                    self._write_all(chunk)
-                    k = len(chunk)
-                    self._pos -= k  # counted below, as for the in-kernel copies
+                k, self.copy_method = copy_fd_chunk(
+                    src_fd, fd, offset, min(left, _COPY_STEP), self.copy_method
+                )
                 if k == 0:
                     raise CheckpointError(
                         f"source of {target!r} ended {left} bytes early: the input file was "
@@ -618,14 +572,9 @@ class StreamWriter:
                 self._pos += k
                 self._writeback()
         except OSError as e:
-            raise self._output_error(e) from None
+            raise self._file.error(e) from None
 
     # -- internals -------------------------------------------------------------------------
-    def _require_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError("StreamWriter is not open: use it as a context manager")
-        return self._fd
-
     def _claim(self, name: str | None, nbytes: int) -> str:
         """Check that ``nbytes`` of ``name`` (default: the current tensor) may come next."""
         if name is not None:
@@ -658,29 +607,21 @@ class StreamWriter:
             self._filled = 0
 
     def _write_all(self, data: bytes | bytearray | memoryview) -> None:
-        fd = self._require_fd()
-        view = memoryview(data).cast("B")
-        try:
-            while len(view):
-                k = os.write(fd, view)
-                view = view[k:]
-                self._pos += k
-        except OSError as e:
-            raise self._output_error(e) from None
+        self._pos += self._file.write_all(data)
         self._writeback()
 
     def _writeback(self) -> None:
         # FADV_DONTNEED starts writeback of the dirty pages in its range without waiting and
         # drops the pages already clean: called on the window before the last one, it keeps
         # the disk busy during the fold and recycles page cache instead of growing it.
-        if not self._fsync or not _HAS_FADVISE:
+        if not self._file.fsync or not _HAS_FADVISE:
             return
         while self._pos - self._flushed >= 2 * _WRITEBACK_WINDOW:
-            assert self._fd is not None
-            os.posix_fadvise(self._fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
+            fd = self._file.require_fd()
+            os.posix_fadvise(fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
             self._flushed += _WRITEBACK_WINDOW
 
-    def _finish(self) -> None:
+    def _check_complete(self) -> None:
         while self._i < len(self._names) and self._sizes[self._i] == 0 and self._filled == 0:
             self._i += 1
         if self._i < len(self._names):
@@ -688,39 +629,13 @@ class StreamWriter:
                 f"tensor {self._names[self._i]!r} is incomplete: {self._filled} of "
                 f"{self._sizes[self._i]} bytes written"
             )
-        fd = self._require_fd()
         try:
-            end = os.lseek(fd, 0, os.SEEK_CUR)
-            if end != self.size:
-                raise ValueError(f"wrote {end} bytes, expected {self.size}")
-            if self._fsync:
-                os.fsync(fd)
-            os.close(fd)
+            end = os.lseek(self._file.require_fd(), 0, os.SEEK_CUR)
         except OSError as e:
-            raise self._output_error(e) from None
-        finally:
-            self._fd = None
-        self._finished = True
-
-    def _output_error(self, e: OSError) -> OutputError:
-        return OutputError(
-            f"cannot write {self.final_path}: {e.strerror or e}",
-            hint="check that the output folder exists, is writable and has free space",
-        )
+            raise self._file.error(e) from None
+        if end != self.size:
+            raise ValueError(f"wrote {end} bytes, expected {self.size}")
 
 
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable; not every filesystem lets a directory be opened or fsynced.
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
