@@ -82,6 +82,12 @@ def flatten_outputs(out: object, batch: int | None = None) -> Outputs:
     return Outputs(tuple(names), tuple(tensors), tuple(ignored))
 
 
+def iter_leaves(obj: object) -> Iterator[object]:
+    """Every leaf of a nested output (or argument) structure, in `flatten_outputs` order."""
+    for _, leaf in _walk(obj, ""):
+        yield leaf
+
+
 def _walk(obj: object, path: str) -> Iterator[tuple[str, object]]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):

@@ -39,8 +39,13 @@ Linear (`unsupported-bn`).
 run once, running stats, B.num_features == L.in_features, BN input 2D when a sample is given);
 a BN that already folds into a preceding Linear is not listed there.
 
-When tracing fails, adjacent `Linear, BatchNorm1d` children of every `nn.Sequential` are
-used instead (`traced=False`, `trace_error` holds the first line of the error). Modules
+When tracing fails and a sample is given, the model runs once on it in eager mode while
+`qatconv.record` writes down which module or op consumed which tensor, as an fx graph of the
+same node kinds; the same rules run on that graph (`traced=False`, `recorded_shapes` holds the
+sample's shapes: the dataflow is proven for inputs of those shapes only). A BatchNorm1d called
+on batch chunks whose outputs are concatenated back (ghost BN) is merged into one call there
+(`ghost_bns`). When tracing fails without a sample (or the recording cannot be made), adjacent
+`Linear, BatchNorm1d` children of every `nn.Sequential` are used instead (`traced=False`, `trace_error` holds the first line of the error). Modules
 reachable under two paths are skipped as reused. With a sample, forward hooks on a deep copy
 check that each module runs once, that the BN's input is the Linear's output tensor and that
 it is 2D; such pairs are `verified`. Sole use of the Linear's output cannot be checked
@@ -57,7 +62,8 @@ without a graph. BatchNorm1d modules with unknown input are skipped as `untraced
                  "bias": bool, "affine": bool,
                  "verified": bool, "token_wise": bool, "via": [str, ...]}],
       "skipped": [{"linear": str | null, "bn": str | null, "code": str, "reason": str}],
-      "bn_before_linear": [{"bn": str, "linear": str, "verified": bool}]
+      "bn_before_linear": [{"bn": str, "linear": str, "verified": bool}],
+      "recorded": null | {"input_shapes": [[int, ...], ...], "ghost_bns": [str, ...]}
     }
 
 `via` names the shape ops between Linear and BN: the method or function name
@@ -68,6 +74,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import itertools
 import logging
 import operator
@@ -209,6 +216,10 @@ class PairScan:
     bn_before_linear: tuple[BnBeforeLinear, ...]
     traced: bool
     trace_error: str | None = None
+    # Set when the pairs come from a recorded eager run (`qatconv.record`): they hold for
+    # inputs of these shapes only.
+    recorded_shapes: tuple[tuple[int, ...], ...] | None = None
+    ghost_bns: tuple[str, ...] = ()  # BNs called per batch chunk, merged into one call
 
     @property
     def unverified(self) -> tuple[Pair, ...]:
@@ -238,6 +249,10 @@ class PairScan:
                 {"bn": b.bn, "linear": b.linear, "verified": b.verified}
                 for b in self.bn_before_linear
             ],
+            "recorded": None if self.recorded_shapes is None else {
+                "input_shapes": [list(s) for s in self.recorded_shapes],
+                "ghost_bns": list(self.ghost_bns),
+            },
         }
 
 
@@ -266,11 +281,41 @@ def find_pairs(
     with _working_model(model, full=inputs is not None) as work:
         try:
             gm = _trace(work)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure means: Sequential fallback
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means: record or fallback
             error = _first_line(exc)
-            log.info("torch.fx could not trace the model (%s); using nn.Sequential order", error)
-            return _scan_untraced(work, inputs, strict, error, lazy)
-        return _scan_graph(work, gm, inputs, strict, lazy)
+            recording = _record(work, inputs, error) if inputs is not None else None
+            if recording is None:
+                log.info("torch.fx could not trace the model (%s); using nn.Sequential order",
+                         error)
+                return _scan_untraced(work, inputs, strict, error, lazy)
+            scan = _scan_graph(work, recording.graph, True, strict, lazy)
+            return dataclasses.replace(scan, traced=False, trace_error=error,
+                                       recorded_shapes=recording.input_shapes,
+                                       ghost_bns=recording.ghost_bns)
+        if inputs is not None:
+            _propagate_shapes(gm, inputs)
+        return _scan_graph(work, gm.graph, inputs is not None, strict, lazy)
+
+
+def _record(work: nn.Module, inputs: tuple, error: str) -> Any:
+    """The graph of one eager run on the sample (`qatconv.record`); None when it cannot be made."""
+    from qatconv.record import record_graph
+
+    try:
+        return record_graph(work, inputs, _Tracer().is_leaf_module)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, or one of recording
+        recording_error = exc
+    try:  # the sample must run through the plain model: else it is the data's fault
+        with torch.no_grad():
+            work(*inputs)
+    except Exception as exc:
+        raise DataError(
+            f"the sample input does not run through the model: {_first_line(exc)}",
+            hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
+        ) from exc
+    log.info("recording an eager run failed (%s) after torch.fx failed (%s)",
+             _first_line(recording_error), error)
+    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -522,7 +567,7 @@ _SHAPE_FUNCTIONS: dict[Any, str] = {
     torch.adjoint: "adjoint",
 }
 _QUERY_METHODS = frozenset(
-    {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
+    {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous", "__len__"}
 )
 _QUERY_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 
@@ -715,14 +760,14 @@ def _walk_back(bn_node: fx.Node, work: nn.Module) -> _Chain:
 class _GraphFacts:
     """Call sites, aliases and tensor sharing of a traced model."""
 
-    def __init__(self, work: nn.Module, gm: fx.GraphModule, lazy: frozenset[str]) -> None:
+    def __init__(self, work: nn.Module, graph: fx.Graph, lazy: frozenset[str]) -> None:
         self.work = work
         self.lazy = lazy
         self.paths = _module_paths(work)
         self.names = _tensor_names(work)
         self.sites: dict[int, list[str]] = {}
         self.read_ids: dict[int, str] = {}
-        for node in gm.graph.nodes:
+        for node in graph.nodes:
             if node.op == "call_module":
                 for sub in work.get_submodule(node.target).modules():
                     self.sites.setdefault(id(sub), []).append(node.target)
@@ -752,24 +797,27 @@ def _resolve(root: nn.Module, target: str) -> Any:
     return obj
 
 
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        raise DataError(
+            f"the sample input does not run through the model: {_first_line(exc)}",
+            hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
+        ) from exc
+
+
 def _scan_graph(
-    work: nn.Module, gm: fx.GraphModule, inputs: tuple | None, strict: bool, lazy: frozenset[str]
+    work: nn.Module, graph: fx.Graph, sampled: bool, strict: bool, lazy: frozenset[str]
 ) -> PairScan:
-    if inputs is not None:
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:
-            raise DataError(
-                f"the sample input does not run through the model: {_first_line(exc)}",
-                hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
-            ) from exc
-    facts = _GraphFacts(work, gm, lazy)
+    """The pair rules on a graph: traced (shapes propagated when sampled) or recorded."""
+    facts = _GraphFacts(work, graph, lazy)
 
     # one entry per BatchNorm module, at its first call site that a Linear feeds (else the first)
     bn_sites: dict[int, list[fx.Node]] = {}
     order: list[int] = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module" and isinstance(work.get_submodule(node.target), _BatchNorm):
             key = id(work.get_submodule(node.target))
             if key not in bn_sites:
@@ -784,7 +832,7 @@ def _scan_graph(
         chains = [(n, _walk_back(n, work)) for n in sites]
         fed = [(n, c) for n, c in chains if c.linear is not None]
         bn_node, chain = fed[0] if fed else chains[0]
-        result = _judge(work, facts, bn_node, chain, inputs is not None, strict)
+        result = _judge(work, facts, bn_node, chain, sampled, strict)
         if result is None:
             continue
         if isinstance(result, Pair):
@@ -793,7 +841,7 @@ def _scan_graph(
             skipped.append(result)
 
     folded_bns = {p.bn for p in pairs}
-    before = _bn_before_linear(work, gm, facts, folded_bns, inputs is not None)
+    before = _bn_before_linear(work, graph, facts, folded_bns, sampled)
     return PairScan(tuple(pairs), tuple(skipped), before, traced=True, trace_error=None)
 
 
@@ -930,14 +978,14 @@ def _label(node: fx.Node, work: nn.Module) -> str:
 
 def _bn_before_linear(
     work: nn.Module,
-    gm: fx.GraphModule,
+    graph: fx.Graph,
     facts: _GraphFacts,
     folded_bns: set[str],
     sampled: bool,
 ) -> tuple[BnBeforeLinear, ...]:
     found: list[BnBeforeLinear] = []
     seen: set[int] = set()
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module":
             continue
         bn = work.get_submodule(node.target)
