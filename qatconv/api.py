@@ -172,6 +172,14 @@ def scan_pairs(
     return find_pairs(model, sample, strict=strict)
 
 
+def _note_finder(scan: PairScan, loaded: LoadedModel, note: Callable[[str], None]) -> None:
+    """Say how an untraceable model's pairs were found (a recorded run holds for its shapes)."""
+    how = scan.finder_note()
+    if how is not None:
+        note(how)
+        loaded.notes.append(how)
+
+
 def _require_pairs(scan: PairScan, allow_no_pairs: bool) -> None:
     if scan.pairs or allow_no_pairs:
         return
@@ -264,6 +272,7 @@ def prepare(
     inputs = dataset.inputs.float()
     _check_data_fits(model, inputs, data)
     scan = scan_pairs(model, _sample(inputs), strict=strict)
+    _note_finder(scan, loaded, note)
     _require_pairs(scan, allow_no_pairs)
     records = [p.to_record() for p in scan.pairs]
     validate.check_model_state(model, records, model_cfg.weights or model_cfg.spec,
@@ -411,6 +420,7 @@ def _qat_metadata(
         "model": _model_meta(loaded),
         "pairs": records,
         "skipped": _skipped_json(scan),
+        "pair_finder": scan.finder_json(),
         "backend": quant.backend.value,
         "weight_bits": quant.weight_bits,
         "quant_min": qmin,
@@ -743,6 +753,7 @@ def _plan_float_fold(
         note(n)
     sample = _sample_from_data(loaded.model, check, target_column)
     scan = scan_pairs(loaded.model, sample, strict=strict)
+    _note_finder(scan, loaded, note)
     before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
     _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
     records = [p.to_record() for p in scan.pairs]
@@ -750,7 +761,7 @@ def _plan_float_fold(
     skipped = _skipped_json(scan)
     unverified = [p.linear for p in scan.unverified]
     state = loaded.tensors
-    extra: dict[str, Any] = {"unverified": unverified}
+    extra: dict[str, Any] = {"unverified": unverified, "pair_finder": scan.finder_json()}
     if fold_bn_before_linear:
         unverified += [c.linear for c in scan.bn_before_linear if not c.verified and not strict]
         state, records, extra["bn_before_linear"] = _fold_bn_before(

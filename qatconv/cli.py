@@ -142,9 +142,8 @@ def inspect(
     if ins.scan is not None and ins.scan.unverified and not strict:
         out.warn(f"{len(ins.scan.unverified)} pair(s) unverified: give --data DATA to prove "
                  "the feature axis (prepare --data / fold --check DATA do)")
-    if ins.scan is not None and not ins.scan.traced:
-        out.warn(f"the model could not be traced ({ins.scan.trace_error}); "
-                 "pairs come from adjacent nn.Sequential children")
+    if ins.scan is not None and ins.scan.finder_note():
+        out.warn(ins.scan.finder_note())
     out.result(ins.to_json())
     if out.human:
         _print_inspection(out, ins)

@@ -222,6 +222,34 @@ class PairScan:
     ghost_bns: tuple[str, ...] = ()  # BNs called per batch chunk, merged into one call
 
     @property
+    def finder(self) -> str:
+        """How the pairs were found: ``traced``, ``recorded`` (one eager run) or ``sequential``."""
+        if self.traced:
+            return "traced"
+        return "recorded" if self.recorded_shapes is not None else "sequential"
+
+    def finder_note(self) -> str | None:
+        """One sentence on how an untraceable model's pairs were found (None when traced)."""
+        if self.traced:
+            return None
+        if self.recorded_shapes is not None:
+            shapes = ", ".join(str(tuple(s)) for s in self.recorded_shapes)
+            ghosts = (f"; {len(self.ghost_bns)} ghost BatchNorm(s) called per batch chunk"
+                      if self.ghost_bns else "")
+            return (f"torch.fx could not trace the model ({self.trace_error}); the pairs come "
+                    f"from one recorded eager run on the sample and are verified for input "
+                    f"shape {shapes} only{ghosts}")
+        return (f"torch.fx could not trace the model ({self.trace_error}); the pairs come from "
+                "adjacent nn.Sequential children (give data to record an eager run instead)")
+
+    def finder_json(self) -> dict[str, Any]:
+        """The metadata record of how the pairs were found."""
+        return {"method": self.finder, "trace_error": self.trace_error,
+                "input_shapes": None if self.recorded_shapes is None
+                else [list(s) for s in self.recorded_shapes],
+                "ghost_bns": list(self.ghost_bns)}
+
+    @property
     def unverified(self) -> tuple[Pair, ...]:
         """Pairs that fold but whose BN axis was not checked on a sample."""
         return tuple(p for p in self.pairs if not p.verified)

@@ -338,7 +338,8 @@ class TiedWeight(_Tiny):
 
 
 class ControlFlow(_Tiny):
-    """Tensor-dependent control flow: torch.fx cannot trace it; nn.Sequential order is used."""
+    """Tensor-dependent control flow: torch.fx cannot trace it; with a sample an eager run is
+    recorded, without one nn.Sequential order is used."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -405,7 +406,10 @@ CASES: dict[str, Case] = {
     "ControlFlow": Case(
         ControlFlow,
         [("seq.0", "seq.1")],
-        {"tail.2": "not-adjacent", "extra_bn": "untraced"},
+        # With a sample the recorded eager run shows extra_bn is fed by tail.2, a BatchNorm.
+        {"tail.2": "not-adjacent", "extra_bn": "not-adjacent"},
+        skipped_no_sample={"tail.2": "not-adjacent", "extra_bn": "untraced"},
+        bn_before_linear=(("extra_bn", "head"),),
         traced=False,
     ),
 }

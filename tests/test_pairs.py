@@ -248,6 +248,7 @@ def test_pair_record_and_json_schema() -> None:
             "pairs",
             "skipped",
             "bn_before_linear",
+            "recorded",
         }
         assert data["version"] == 1
         assert [(p["linear"], p["bn"]) for p in data["pairs"]] == pair_list(scan)

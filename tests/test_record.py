@@ -134,6 +134,11 @@ def test_untraceable_models_fold_and_match_the_float_model(tmp_path: Path, cli: 
     assert r.code == 0, r.err
     expected = {"TabNetLike": 11, "WindowViT": 4, "DiceDNN": 3}[name]
     assert len(r.json()["pairs"]) == expected and r.json()["check"]["passed"]
+    said = [n for n in r.json()["notes"] if "recorded eager run" in n]
+    assert said and f"verified for input shape {(8, *shape[1:])} only" in said[0]
+    from qatconv.checkpoint import read_metadata
+
+    assert read_metadata(out)["pair_finder"]["method"] == "recorded"
     folded = api.load_folded(getattr(u, name)().eval(), out)
     with torch.no_grad():
         for rows in (40, 13, 5):  # other batch sizes: other ghost-BN chunkings
