@@ -356,7 +356,7 @@ def _npy_rows(path: Path) -> Rows | None:
 def _st_rows(path: Path) -> tuple[Rows, Rows | None]:
     """Inputs and targets of a ``.safetensors`` data file as `Rows` (only the header is read)."""
     from qatconv import st_format
-    from qatconv.checkpoint import _TORCH_NAMES
+    from qatconv.dtypes import DTYPES
 
     try:
         header = st_format.read_header(path)
@@ -369,7 +369,7 @@ def _st_rows(path: Path) -> tuple[Rows, Rows | None]:
 
     def rows(key: str, base: torch.dtype | None) -> Rows:
         info = header.tensors[key]
-        dtype = getattr(torch, _TORCH_NAMES[info.dtype], None)
+        dtype = getattr(torch, DTYPES[info.dtype].torch, None)
         if dtype is None:
             raise DataError(f"{path}: {key!r} has dtype {info.dtype}, which this torch "
                             f"{torch.__version__} cannot hold")
