@@ -9,6 +9,8 @@ cancels within a comparison:
 3. startup  (bench/startup.py): `qatconv --help`, `qatconv inspect` of the 1 GiB file vs
             `python -c "import torch"`.
 4. scaling  (bench/scaling.py): plain fold and prepare of models with 10, 100, 1,000 pairs.
+5. export   (bench/export.py): onnxruntime int8 (the model `qatconv export` writes) vs
+            onnxruntime float vs torch float, samples/s at batch 1 and 256 (needs the onnx extra).
 
 Writes bench/out/run.json (everything) and bench/out/run.md (the tables, with each goal and
 whether it was met). Run: python bench/run.py [--quick]   (--quick: 256 MiB, fewer repeats)
@@ -33,7 +35,10 @@ GOALS = {
     "fold_rss_vs_file": 0.4,  # at most
     "prepare_vs_hand_written": 1.0,  # at least
     "startup_vs_import_torch": 0.25,  # at most
+    "export_int8_vs_float_b256": 1.5,  # at least, 4 x Linear(2048) MLP
+    "export_int8_vs_float_b1": 2.0,  # at least, 4 x Linear(2048) MLP
 }
+INT8 = "onnxruntime int8 (W8A8 QDQ)"
 
 
 def run(script: str, *args: str) -> dict:
@@ -95,7 +100,36 @@ def report(res: dict) -> str:
     for step, r in sc.items():
         cells = " | ".join(f"{r['median_s'][n]:.2f} ({r['per_pair_ms'][n]:.1f})" for n in sizes)
         lines.append(f"| {step} | {cells} | {r['slope_ms_per_pair']:.2f} |")
+    if "export" in res:
+        lines += ["", *export_report(res["export"])]
     return "\n".join(lines) + "\n"
+
+
+def export_report(ex: dict) -> list[str]:
+    title = (f"### export (onnxruntime CPU, {ex['threads']} thread; medians of {ex['rounds']} "
+             "interleaved rounds)")
+    header = ("| model | contender | batch 1 samples/s | vs ORT float | batch 256 samples/s | "
+              "vs ORT float |")
+    lines = [title, "", header, "|---|---|---:|---:|---:|---:|"]
+    for name, m in ex["models"].items():
+        for label in m["batches"]["1"]:
+            b1, b256 = m["batches"]["1"][label], m["batches"]["256"][label]
+            lines.append(f"| {name} | {label} | {b1['samples_per_s']:,.0f} | "
+                         f"{b1['vs_onnxruntime_float']:.2f}x | {b256['samples_per_s']:,.0f} | "
+                         f"{b256['vs_onnxruntime_float']:.2f}x |")
+    lines += ["", "| model | int8 .onnx | dynamic .onnx | float .onnx | folded .safetensors |",
+              "|---|---:|---:|---:|---:|"]
+    for name, m in ex["models"].items():
+        z = m["sizes"]
+        lines.append(f"| {name} | {z['int8']:,} | {z['dynamic']:,} | {z['float']:,} | "
+                     f"{z['folded safetensors']:,} |")
+    big = ex["models"]["mlp2048"]["batches"]
+    r256, r1 = big["256"][INT8]["vs_onnxruntime_float"], big["1"][INT8]["vs_onnxruntime_float"]
+    g256, g1 = GOALS["export_int8_vs_float_b256"], GOALS["export_int8_vs_float_b1"]
+    lines += ["", (f"Goals (4 x Linear(2048) MLP): int8 >= {g256}x ORT float at batch 256: "
+                   f"{r256:.2f}x, {verdict(r256 >= g256)}; >= {g1}x at batch 1: {r1:.2f}x, "
+                   f"{verdict(r1 >= g1)}."), ""]
+    return lines
 
 
 def main() -> None:
@@ -116,6 +150,12 @@ def main() -> None:
     res["prepare"] = run("prepare.py", "--repeat", rep)
     res["startup"] = run("startup.py", "--repeat", "3" if args.quick else "5")
     res["scaling"] = run("scaling.py", "--repeat", "1" if args.quick else "3")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("export bench skipped: pip install -e '.[onnx]'", file=sys.stderr)
+    else:
+        res["export"] = run("export.py", "--rounds", "3" if args.quick else "5")
     (OUT / "run.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = report(res)
     (OUT / "run.md").write_text(md)

@@ -278,7 +278,7 @@ def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Ten
                 traced, (sample,), buf, dynamo=False, opset_version=opset,
                 input_names=["input"], output_names=names,
                 dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
-                custom_opsets={onnx_qdq.MARKER_DOMAIN: 1},
+                custom_opsets={onnx_qdq.MARKER_DOMAIN: 1} if linears else None,
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
             raise BadInputError(f"torch.onnx.export failed: {type(e).__name__}: "
