@@ -66,6 +66,10 @@ class CheckResult:
     passed: bool
     reference: str  # "qat" (fake quant off) or "float"
     samples: int
+    # Max abs difference of the reference's own run in the check dtype vs its float64 run on
+    # the same data (None when the float64 run was impossible): the scale of rounding noise.
+    noise_floor: float | None = None
+    failure: str | None = None  # which error exceeded which allowance, when not passed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,8 @@ class CheckResult:
             "passed": self.passed,
             "reference": self.reference,
             "samples": self.samples,
+            "noise_floor": self.noise_floor,
+            "failure": self.failure,
         }
 
 
@@ -613,10 +619,8 @@ def _write_checked(
             check_result = run_check(target, check)
             if not check_result.passed:
                 raise CheckFailedError(
-                    f"folded model differs from the {check_result.reference} reference: max abs "
-                    f"error {check_result.max_abs_error:.3g}, max rel error "
-                    f"{check_result.max_rel_error:.3g} (atol {check_result.atol:g}, rtol "
-                    f"{check_result.rtol:g}); nothing was written",
+                    f"folded model differs from the {check_result.reference} reference: "
+                    f"{check_result.failure}; nothing was written",
                     hint="run `qatconv inspect CKPT --model SPEC --data DATA` to see the pairs",
                 )
             files = [out.parent / f.name for f in report.files]
@@ -968,6 +972,7 @@ def verify(
     from qatconv import data as data_mod
 
     ds = data_mod.load_data(data, target_column=target_column)
+    atol_given = atol is not None
     if atol is None or rtol is None:
         tol = _check_tolerance(folded_path)
         atol = tol if atol is None else atol
@@ -1001,12 +1006,69 @@ def verify(
         got_out = outputs.forward_outputs(folded_model, inputs)
     outputs.require_same_names(ref_out, got_out, f"the {ref_name} reference", "the folded model")
     ref, got = outputs.flat_cat(ref_out, torch.float64), outputs.flat_cat(got_out, torch.float64)
+    noise = _noise_floor(reference, inputs, ref)
+    scaled = not atol_given and noise is not None and NOISE_FACTOR * noise > atol
+    if scaled:
+        atol = NOISE_FACTOR * noise  # type: ignore[operator]
+    why = f" = {NOISE_FACTOR:g} x the noise floor" if scaled else ""
+    return _compare(ref, got, atol, rtol, ref_name, len(inputs), noise, why)
+
+
+# The default atol is at least this many times the reference's own noise floor: the folded
+# model rounds differently from the reference (other weights, fewer ops), and two float32 runs
+# of one computation can each be a noise floor away from the exact result (measured: the exact
+# fold of an ill-conditioned residual model lands within 2.6x of it).
+NOISE_FACTOR = 4.0
+
+
+def _noise_floor(reference: nn.Module, inputs: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """Max abs difference of the reference's outputs ``ref`` from its own float64 run."""
+    import torch
+
+    from qatconv import outputs
+
+    dtype = inputs.dtype
+    if dtype == torch.float64:
+        return 0.0
+    try:
+        reference.double()
+        with torch.no_grad():
+            exact = outputs.flat_cat(outputs.forward_outputs(reference, inputs.double()),
+                                     torch.float64)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64: no floor
+        log.info("the reference does not run in float64 (%s); no noise floor", e)
+        return None
+    finally:
+        reference.to(dtype)
+    if exact.shape != ref.shape:
+        return None
+    return float((ref - exact).abs().max()) if ref.numel() else 0.0
+
+
+def _compare(
+    ref: torch.Tensor, got: torch.Tensor, atol: float, rtol: float, ref_name: str,
+    samples: int, noise: float | None, atol_why: str,
+) -> CheckResult:
+    """Pass when ``|got - ref| <= atol + rtol * |ref|`` everywhere and ``got`` is finite."""
+    import torch
+
     diff = (got - ref).abs()
     scale = ref.abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = float((diff / scale.clamp_min(1e-12)).max()) if diff.numel() else 0.0
-    passed = bool((diff <= atol + rtol * scale).all()) and bool(torch.isfinite(got).all())
-    return CheckResult(max_abs, max_rel, atol, rtol, passed, ref_name, len(inputs))
+    finite = bool(torch.isfinite(got).all())
+    over = diff - (atol + rtol * scale)
+    failure = None
+    floor = f"; the reference's own float noise floor is {noise:.3g}" if noise is not None else ""
+    if not finite:
+        failure = "the folded model's outputs hold NaN/inf"
+    elif over.numel() and float(over.max()) > 0:
+        i = int(over.argmax())
+        failure = (f"abs error {float(diff[i]):.3g} exceeds the allowed {atol:.3g} (atol"
+                   f"{atol_why}) + {rtol:g} (rtol) x |reference| {float(scale[i]):.3g}"
+                   f"{floor}; max abs error {max_abs:.3g}, max rel error {max_rel:.3g}")
+    return CheckResult(max_abs, max_rel, atol, rtol, failure is None, ref_name, samples, noise,
+                       failure)
 
 
 def load_qat(path: Path | str, model_cfg: ModelConfig | None = None) -> nn.Module:

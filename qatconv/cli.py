@@ -336,8 +336,9 @@ def _report_fold(out: Output, result: Any) -> None:
             out.note(f"folded BatchNorm1d {r['bn']} into the input side of {r['linear']}")
         if result.check:
             c = result.check
-            out.note(f"check vs {c.reference} model on {c.samples} samples: max abs error "
-                     f"{c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} -> "
+            floor = f" (its float noise floor {c.noise_floor:.3g})" if c.noise_floor else ""
+            out.note(f"check vs {c.reference} model{floor} on {c.samples} samples: max abs "
+                     f"error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} -> "
                      f"{'ok' if c.passed else 'FAILED'}")
         out.note(f"wrote {', '.join(str(f) for f in result.files)} ({result.seconds:.2f} s)")
 
