@@ -321,3 +321,29 @@ def test_refuses_a_checkpoint_that_is_not_folded(tmp_path: Path, cli: Any, sampl
     r = cli("export", samples / "digits_mlp.safetensors", "-o", tmp_path / "m.onnx")
     assert r.code == 3 and "not a folded checkpoint" in r.err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--allow-float-kernels"], 2, "only apply to --check"),
+    (["--opset", "12"], 2, "--opset 12"),
+    (["--input-shape", "a,b"], 2, "--input-shape"),
+    (["--input-shape", "0"], 2, "must be positive"),
+])
+def test_usage_errors(tmp_path: Path, cli: Any, args: list[str], code: int, words: str) -> None:
+    x = np.random.default_rng(7).standard_normal((40, 16)).astype(np.float32)
+    folded = _folded(tmp_path, cli, "Mlp", x)
+    r = cli("export", folded, "-o", tmp_path / "m.onnx", *args)
+    assert r.code == code and words in r.err, r.err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_existing_output_needs_force_and_input_shape_is_inferred(tmp_path: Path, cli: Any) -> None:
+    x = np.random.default_rng(8).standard_normal((40, 16)).astype(np.float32)
+    folded = _folded(tmp_path, cli, "Mlp", x)
+    out = tmp_path / "m.onnx"
+    assert cli("export", folded, "-o", out).code == 0  # shape from fc1.in_features
+    graph_input = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in graph_input] == ["batch", 16]
+    r = cli("export", folded, "-o", out)
+    assert r.code == 3 and "--force" in r.err
+    assert cli("export", folded, "-o", out, "--force", "--input-shape", "16").code == 0
