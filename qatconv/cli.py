@@ -407,6 +407,10 @@ def _report_export(out: Output, report: Any) -> None:
             top1 = "" if c.top1_agreement is None else f", top-1 agreement {c.top1_agreement:.2%}"
             out.note(f"onnxruntime vs {c.reference} on {report.check.samples} samples: max abs "
                      f"error {c.max_abs_error:.3g} (output range {c.output_range:.3g}){top1}")
+        if report.check.accuracy is not None:
+            refs = ", ".join(f"{c.reference} {c.reference_accuracy:.2%}"
+                             for c in report.check.comparisons if c.reference_accuracy is not None)
+            out.note(f"top-1 accuracy: onnxruntime {report.check.accuracy:.2%} ({refs})")
     out.note(f"wrote {report.output} ({report.bytes:,} bytes, {report.seconds:.2f} s)")
 
 

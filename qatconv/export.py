@@ -123,7 +123,8 @@ def export(
         from qatconv.onnx_check import check_onnx
 
         # `.npy` / `.safetensors` data are lazy rows: the check needs them all, once.
-        result = check_onnx(proto, lowered, model, linears, data.inputs[: len(data)],
+        targets = None if data.targets is None else data.targets[: len(data)]
+        result = check_onnx(proto, lowered, model, linears, data.inputs[: len(data)], targets,
                             allow_float_kernels=allow_float_kernels)
         if not result.passed:
             raise CheckFailedError(

@@ -47,10 +47,12 @@ class Comparison:
     max_abs_error: float
     output_range: float
     top1_agreement: float | None
+    reference_accuracy: float | None = None  # the reference's, when the data has labels
 
     def to_json(self) -> dict[str, Any]:
         return {"reference": self.reference, "max_abs_error": self.max_abs_error,
-                "output_range": self.output_range, "top1_agreement": self.top1_agreement}
+                "output_range": self.output_range, "top1_agreement": self.top1_agreement,
+                "reference_accuracy": self.reference_accuracy}
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,12 @@ class ExportCheck:
     float_kernels: tuple[str, ...]
     passed: bool
     failures: tuple[str, ...]
+    accuracy: float | None = None  # onnxruntime's top-1 accuracy, when the data has labels
 
     def to_json(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
+            "accuracy": self.accuracy,
             "comparisons": [c.to_json() for c in self.comparisons],
             "step_errors": self.step_errors,
             "kernels": self.kernels,
@@ -154,10 +158,12 @@ def check_onnx(
     model: nn.Module,
     linears: dict[str, QuantLinear],
     inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
     *,
     allow_float_kernels: bool = False,
 ) -> ExportCheck:
-    """Run ``proto`` in onnxruntime on ``inputs`` and compare (see the module docstring)."""
+    """Run ``proto`` in onnxruntime on ``inputs`` and compare (see the module docstring);
+    with class-label ``targets``, also report top-1 accuracies."""
     from qatconv.modelcopy import copy_model
     from qatconv.qat import _set_submodule
 
@@ -167,21 +173,35 @@ def check_onnx(
         got = _run_ort(session(proto, optimized), x)[0]
         kernels = kernels_by_linear(onnx.load(str(optimized)), lowered)
     float_kernels = tuple(p for p, ops in kernels.items() if not INT8_KERNELS & set(ops))
+    labels = _labels(targets, got)
+    acc = _accuracy(got, labels)
     if not linears:
-        ref = _run_torch(model, inputs)
-        comps = (_compare("float", got, ref),)
-        return _verdict(len(x), comps, {}, kernels, float_kernels, allow_float_kernels)
+        comps = (_compare("float", got, _run_torch(model, inputs), labels),)
+        return _verdict(len(x), comps, {}, kernels, float_kernels, allow_float_kernels, acc)
     emulated = copy_model(model)
     for path, q in linears.items():
         _set_submodule(emulated, path, EmulatedLinear(q))
     simulated = copy_model(model)
     for path, q in linears.items():
         _set_submodule(simulated, path, SimulatedLinear(q))
-    comps = (_compare("emulation", got, _run_torch(emulated, inputs)),
-             _compare("simulation", got, _run_torch(simulated, inputs)))
+    comps = (_compare("emulation", got, _run_torch(emulated, inputs), labels),
+             _compare("simulation", got, _run_torch(simulated, inputs), labels))
     steps = _step_errors(proto, lowered, emulated, x)
-    return _verdict(len(x), comps, steps, kernels, float_kernels, allow_float_kernels,
+    return _verdict(len(x), comps, steps, kernels, float_kernels, allow_float_kernels, acc,
                     dynamic=any(q.input is None for q in linears.values()))
+
+
+def _labels(targets: torch.Tensor | None, got: np.ndarray) -> np.ndarray | None:
+    """Class labels when ``targets`` are integers, one per sample of a (N, classes) output."""
+    if targets is None or targets.is_floating_point() or targets.dim() != 1:
+        return None
+    if got.ndim != 2 or got.shape[1] < 2 or len(targets) != len(got):
+        return None
+    return targets.numpy()
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
+    return None if labels is None else float((logits.argmax(1) == labels).mean())
 
 
 def session(proto: onnx.ModelProto, optimized: Path | None = None,
@@ -195,11 +215,6 @@ def session(proto: onnx.ModelProto, optimized: Path | None = None,
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(proto.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: Path, inputs: torch.Tensor) -> np.ndarray:
-    """The first output of the ONNX model at ``path`` on ``inputs`` (CPU, all optimizations)."""
-    return _run_ort(session(onnx.load(str(path))), inputs.float().numpy())[0]
 
 
 def _run_ort(sess: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
@@ -218,13 +233,15 @@ def _run_torch(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
     return torch.cat(parts).float().numpy()
 
 
-def _compare(reference: str, got: np.ndarray, ref: np.ndarray) -> Comparison:
+def _compare(reference: str, got: np.ndarray, ref: np.ndarray,
+             labels: np.ndarray | None) -> Comparison:
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     top1 = None
     if ref.ndim == 2 and ref.shape[1] > 1:
         top1 = float((got.argmax(1) == ref.argmax(1)).mean())
     return Comparison(reference, float(diff.max()) if diff.size else 0.0,
-                      float(ref.max() - ref.min()) if ref.size else 0.0, top1)
+                      float(ref.max() - ref.min()) if ref.size else 0.0, top1,
+                      _accuracy(ref, labels))
 
 
 def _step_errors(proto: onnx.ModelProto, lowered: Sequence[Lowered], emulated: nn.Module,
@@ -255,14 +272,15 @@ def _calls_per_batch(lowered: Sequence[Lowered], path: str) -> int:
 
 def _verdict(samples: int, comps: tuple[Comparison, ...], steps: dict[str, int],
              kernels: dict[str, list[str]], float_kernels: tuple[str, ...],
-             allow_float_kernels: bool, dynamic: bool = False) -> ExportCheck:
+             allow_float_kernels: bool, accuracy: float | None,
+             dynamic: bool = False) -> ExportCheck:
     failures = [f for c in comps for f in _failures(c, dynamic)]
     failures += [f"{p}: input codes differ from the emulation by {e} steps"
                  for p, e in steps.items() if e > MAX_STEP_ERROR]
     if float_kernels and not allow_float_kernels:
         failures.append(f"onnxruntime runs {', '.join(float_kernels)} with float kernels")
     return ExportCheck(samples, comps, steps, kernels, float_kernels, not failures,
-                       tuple(failures))
+                       tuple(failures), accuracy)
 
 
 def _failures(c: Comparison, dynamic: bool) -> list[str]:
