@@ -804,13 +804,13 @@ def _fold_bn_before(
 
 def _shards_of_existing_index(out: Path) -> list[Path]:
     """Shards named by the index that a sharded `--force` fold is about to replace."""
-    from qatconv import st_format
+    from qatconv.st_checkpoint import checkpoint_files
 
     index = out if out.name.endswith(".index.json") else out.parent / "model.safetensors.index.json"
     if not index.is_file():
         return []
     try:
-        return sorted(set(st_format.read_index(index).values()))
+        return checkpoint_files(index)[1:]
     except BadInputError:
         return []
 
@@ -826,34 +826,24 @@ def _qat_scales(path: Path, records: Sequence[dict[str, Any]]) -> dict[str, list
     """Each pair's per-channel weight scale from a QAT checkpoint, read without torch."""
     import numpy as np
 
-    from qatconv import checkpoint, st_format
+    from qatconv.st_checkpoint import open_checkpoint
 
     out: dict[str, list[float]] = {}
-    for f in checkpoint.checkpoint_files(path):
-        header = st_format.read_header(f)
-        with open(f, "rb") as fh:
-            for r in records:
-                name = f"{r['qat']}.weight_fake_quant.scale"
-                info = header.tensors.get(name)
-                if info is None or info.dtype != "F32":
-                    continue
-                raw = st_format.read_tensor_bytes(fh.fileno(), header, name)
-                out[r["linear"]] = [float(v) for v in np.frombuffer(raw, dtype="<f4")]
+    with open_checkpoint(path) as ckpt:
+        for r in records:
+            name = f"{r['qat']}.weight_fake_quant.scale"
+            if name in ckpt.where and ckpt.info(name).dtype == "F32":
+                out[r["linear"]] = [float(v) for v in np.frombuffer(ckpt.read(name), dtype="<f4")]
     return out
 
 
 def _check_tolerance(folded_path: Path) -> float:
     """The loosest default tolerance among the dtypes of the folded file's tensors."""
-    from qatconv import checkpoint, st_format
+    from qatconv.st_checkpoint import open_checkpoint
 
-    dtypes = {
-        info.dtype
-        for f in checkpoint.checkpoint_files(folded_path)
-        if f.suffix == ".safetensors"
-        for info in st_format.read_header(f).tensors.values()
-    }
+    with open_checkpoint(folded_path) as ckpt:
+        dtypes = {dtype for dtype, _ in ckpt.infos().values()}
     return max((CHECK_TOLERANCE[d] for d in dtypes if d in CHECK_TOLERANCE), default=1e-4)
-
 
 
 # Default `fold --check` tolerances by the folded weights' dtype (atol = rtol): the folded
@@ -940,16 +930,12 @@ def _fold_stream_or_memory(
 
 def _streamable(source: Path, state: dict[str, torch.Tensor]) -> bool:
     """True when the file on disk is a safetensors file holding exactly the model's tensors."""
-    from qatconv import st_format
+    from qatconv.st_checkpoint import open_checkpoint
 
-    name = source.name
-    if not (name.endswith((".safetensors", ".index.json"))):
+    if not source.name.endswith((".safetensors", ".index.json")):
         return False
-    if name.endswith(".index.json"):
-        keys = set(json.loads(source.read_text()).get("weight_map", {}))
-    else:
-        keys = set(st_format.read_header(source).tensors)
-    return keys == set(state)
+    with open_checkpoint(source) as ckpt:
+        return set(ckpt.where) == set(state)
 
 
 def verify(

@@ -26,6 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from qatconv import dtypes, st_format
 from qatconv.errors import CheckpointError, OutputError
+from qatconv.st_checkpoint import (  # noqa: F401 - checkpoint_files is part of this API
+    INDEX_SUFFIX,
+    OpenCheckpoint,
+    checkpoint_files,
+    open_checkpoint,
+    resolve,
+    shard_file,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-INDEX_SUFFIX = ".safetensors.index.json"
 # Keys under which training loops and Lightning keep the model's tensors, in priority order.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # DDP, torch.compile, Lightning: stripped only when that makes the keys match the model better.
@@ -90,8 +97,7 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoi
         raise CheckpointError(
             f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
         )
-    if path.is_dir():
-        path = _pick_from_folder(path)
+    path = resolve(path)
     if not path.is_file():  # a FIFO or device would block or never end
         raise CheckpointError(
             f"{path} is not a regular file", hint="pass a checkpoint file, not a device or pipe"
@@ -109,123 +115,57 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoi
     )
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The files a checkpoint path stands for (a folder or index expands to its shards).
-
-    Cheap (reads at most the index JSON); use it for output-clobbering checks before loading.
-
-    Raises:
-        CheckpointError: as `load_checkpoint` does for a folder or index it cannot resolve.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = _pick_from_folder(path)
-    if path.name.lower().endswith(INDEX_SUFFIX):
-        _, weight_map = st_format.read_index_full(path)
-        return [path, *(path.parent / f for f in sorted(set(weight_map.values())))]
-    return [path]
-
-
-def _pick_from_folder(folder: Path) -> Path:
-    indexes = sorted(p for p in folder.iterdir() if p.name.lower().endswith(INDEX_SUFFIX))
-    if len(indexes) == 1:
-        return indexes[0]
-    if len(indexes) > 1:
-        raise CheckpointError(
-            f"folder {folder} holds {len(indexes)} safetensors indexes "
-            f"({', '.join(p.name for p in indexes)})",
-            hint="pass the index file you mean instead of the folder",
-        )
-    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".safetensors"))
-    if len(files) == 1:
-        return files[0]
-    if not files:
-        raise CheckpointError(
-            f"folder {folder} holds no .safetensors file and no *{INDEX_SUFFIX}",
-            hint="pass the checkpoint file itself",
-        )
-    raise CheckpointError(
-        f"folder {folder} holds {len(files)} .safetensors files and no *{INDEX_SUFFIX} "
-        "saying how they belong together",
-        hint="pass one file, or add a Hugging Face index (weight_map) for the shards",
-    )
-
-
-def _read_st_tensors(
-    path: Path, names: Iterable[str] | None = None
-) -> tuple[st_format.Header, dict[str, Any]]:
-    """Header and tensors of one safetensors file, read through one descriptor with pread.
+def _read_st_tensors(ckpt: OpenCheckpoint, names: Iterable[str]) -> dict[str, Any]:
+    """Tensors of an opened safetensors checkpoint, read with pread through its descriptors.
 
     No mmap (a file truncated while mapped would kill the process with SIGBUS) and no second
     open (the header and the bytes come from the same file even if it is replaced meanwhile).
     """
     import torch
 
-    header, raw = st_format.read_tensors(path, None if names is None else list(names))
     out: dict[str, Any] = {}
-    for name, buf in raw.items():
+    for name in names:
+        fd, header = ckpt.locate(name)
         info = header.tensors[name]
         dtype = getattr(torch, dtypes.DTYPES[info.dtype].torch, None)
         if dtype is None:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {info.dtype}, which this torch "
+                f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch "
                 f"{torch.__version__} cannot hold",
                 hint="upgrade torch, or re-export the checkpoint in another dtype",
             )
         if info.numel == 0:
             out[name] = torch.empty(info.shape, dtype=dtype)
         else:
+            buf = bytearray(info.nbytes)
+            st_format.read_tensor_bytes(fd, header, name, out=buf)
             out[name] = torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
-    return header, out
+    return out
 
 
 def _load_safetensors(path: Path) -> LoadedCheckpoint:
-    header, tensors = _read_st_tensors(path)
+    with open_checkpoint(path) as ckpt:
+        tensors = _read_st_tensors(ckpt, sorted(ckpt.where))
+        metadata = dict(ckpt.headers[0].metadata)
     if not tensors:
         raise _empty(path)
-    return LoadedCheckpoint(tensors, dict(header.metadata), [], None, "safetensors", [path])
+    return LoadedCheckpoint(tensors, metadata, [], None, "safetensors", [path])
 
 
 def _load_sharded(index: Path) -> LoadedCheckpoint:
-    index_metadata, weight_map = st_format.read_index_full(index)
-    if not weight_map:
-        raise _empty(index)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
-    tensors: dict[str, Any] = {}
-    metadata: dict[str, str] = {}
-    notes: list[str] = []
-    files = [index]
-    for shard in sorted(by_shard):
-        shard_path = index.parent / shard
-        if not shard_path.is_file():
-            raise CheckpointError(
-                f"{index} names shard {shard} but {shard_path} does not exist",
-                hint="copy every shard beside the index",
-            )
-        header = st_format.read_header(shard_path)
-        wanted = sorted(by_shard[shard])
-        missing = [n for n in wanted if n not in header.tensors]
-        if missing:
-            raise CheckpointError(
-                f"{index} maps {len(missing)} tensor(s) to {shard} that it does not hold "
-                f"(first: {', '.join(missing[:5])})",
-                hint="the index and the shards come from different exports",
-            )
-        extra = sorted(set(header.tensors) - set(wanted))
-        if extra:
-            notes.append(
-                f"ignored {len(extra)} tensor(s) in {shard} that the index does not list "
-                f"(first: {', '.join(extra[:5])})"
-            )
-        if not metadata:
-            metadata = dict(header.metadata)
-        tensors.update(_read_st_tensors(shard_path, wanted)[1])
-        files.append(shard_path)
-    for key, value in index_metadata.items():
-        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    notes.insert(0, f"read {len(by_shard)} shard(s) listed in {index.name}")
+    with open_checkpoint(index) as ckpt:
+        if not ckpt.where:
+            raise _empty(index)
+        tensors: dict[str, Any] = {}
+        for i, header in enumerate(ckpt.headers):  # shard by shard, names sorted in each
+            tensors.update(_read_st_tensors(ckpt, sorted(n for n, j in ckpt.where.items()
+                                                         if j == i)))  # fmt: skip
+        metadata = dict(ckpt.headers[0].metadata)
+        for key, value in ckpt.index_metadata.items():
+            metadata[str(key)] = (value if isinstance(value, str)
+                                  else json.dumps(value, sort_keys=True))  # fmt: skip
+        notes = [f"read {len(ckpt.headers)} shard(s) listed in {index.name}", *ckpt.notes]
+        files = [index, *(h.path for h in ckpt.headers)]
     return LoadedCheckpoint(tensors, metadata, notes, None, "safetensors-sharded", files)
 
 
@@ -590,8 +530,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         CheckpointError: unreadable header, or ``qatconv`` metadata that is not a JSON object.
     """
     path = Path(path)
-    if path.is_dir():
-        path = _pick_from_folder(path)
+    path = resolve(path)
     raw: object = None
     if path.name.lower().endswith(INDEX_SUFFIX):
         index_metadata, weight_map = st_format.read_index_full(path)
@@ -599,7 +538,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         if isinstance(raw, dict):
             return raw
         if raw is None and weight_map:
-            path = path.parent / min(set(weight_map.values()))
+            path = shard_file(path, min(set(weight_map.values())))
     if raw is None:
         raw = st_format.read_header(path).metadata.get(METADATA_KEY)
     if raw is None:

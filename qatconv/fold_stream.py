@@ -16,8 +16,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import torch
 from qatconv import st_format
 from qatconv.atomic import AtomicFile
 from qatconv.dtypes import SIZES, tensor_bytes
-from qatconv.errors import CheckpointError, OutputError, UsageError
+from qatconv.errors import OutputError, UsageError
 from qatconv.fold_plan import (
     TORCH_DTYPES,
     FoldPair,
@@ -38,6 +36,7 @@ from qatconv.fold_plan import (
     check_folded,
     make_plan,
 )
+from qatconv.st_checkpoint import INDEX_SUFFIX, OpenCheckpoint, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -46,80 +45,8 @@ __all__ = ["fold_file"]
 # Weights are folded this many elements at a time: 16 MiB of float64 per block.
 CHUNK_ELEMENTS = 1 << 21
 
-_INDEX_SUFFIX = ".safetensors.index.json"
-
-
-@dataclass
-class _Source:
-    headers: list[st_format.Header]
-    where: dict[str, int]  # tensor name -> index into headers
-    index: Path | None = None
-    fds: list[int] = field(default_factory=list)  # one open descriptor per header, once opened
-
-    @property
-    def paths(self) -> list[Path]:
-        return [h.path for h in self.headers] + ([self.index] if self.index else [])
-
-    def infos(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """Tensor name -> (dtype, shape), in source order."""
-        out: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name, i in self.where.items():
-            info = self.headers[i].tensors[name]
-            out[name] = (info.dtype, info.shape)
-        return out
-
-    def open_(self, stack: ExitStack) -> None:
-        for h in self.headers:
-            try:
-                fd = os.open(h.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise CheckpointError(f"cannot read {h.path}: {e.strerror or e}") from None
-            stack.callback(os.close, fd)
-            self.fds.append(fd)
-
-    def load(self, name: str) -> torch.Tensor:
-        i = self.where[name]
-        return _load_small(self.fds[i], self.headers[i], name)
-
-
-def _open_source(src: Path) -> _Source:
-    src = Path(src)
-    if src.is_dir():
-        indexes = sorted(src.glob("*" + _INDEX_SUFFIX))
-        singles = sorted(src.glob("*.safetensors"))
-        if len(indexes) == 1:
-            src = indexes[0]
-        elif not indexes and len(singles) == 1:
-            src = singles[0]
-        else:
-            raise CheckpointError(
-                f"{src} is a folder without exactly one *{_INDEX_SUFFIX} or one .safetensors",
-                hint="name the checkpoint file (or its index) itself",
-            )
-    if src.name.endswith(_INDEX_SUFFIX):
-        weight_map = st_format.read_index(src)
-        files = list(dict.fromkeys(weight_map.values()))
-        headers = [st_format.read_header(f) for f in files]
-        where: dict[str, int] = {}
-        for i, h in enumerate(headers):
-            for name in sorted(h.tensors, key=lambda n: h.tensors[n].begin):
-                if name in where:
-                    raise CheckpointError(
-                        f"tensor {name!r} is in both {headers[where[name]].path.name} and "
-                        f"{h.path.name}"
-                    )
-                where[name] = i
-        for name, f in weight_map.items():
-            if name not in where or headers[where[name]].path != f:
-                raise CheckpointError(
-                    f"{src}: weight_map puts {name!r} in {f.name}, which does not hold it"
-                )
-        return _Source(headers, where, src)
-    h = st_format.read_header(src)
-    return _Source([h], {n: 0 for n in sorted(h.tensors, key=lambda n: h.tensors[n].begin)})
-
-
-def _load_small(fd: int, header: st_format.Header, name: str) -> torch.Tensor:
+def _load_small(source: OpenCheckpoint, name: str) -> torch.Tensor:
+    fd, header = source.locate(name)
     info = header.tensors[name]
     dtype = TORCH_DTYPES[info.dtype]
     if info.numel == 0:
@@ -165,11 +92,10 @@ def fold_file(
         UsageError: ``emit_qparams`` without fake-quant state; bad ``max_shard_size``.
     """
     out = _output_path(Path(out), max_shard_size)
-    source = _open_source(src)
-    _refuse_input_as_output(source.paths, [out])
-    with ExitStack() as stack:
-        source.open_(stack)
-        plan = make_plan(source.infos(), source.load, pairs, emit_qparams, str(src))
+    with open_checkpoint(src) as source:
+        _refuse_input_as_output(source.paths, [out])
+        plan = make_plan(source.infos(), lambda name: _load_small(source, name), pairs,
+                         emit_qparams, str(src))  # fmt: skip
         report = _report(plan, source)
         meta = dict(metadata(report) if callable(metadata) else metadata)
         ordered = st_format.canonical_order([(o.name, o.dtype, o.shape) for o in plan.outputs])
@@ -191,7 +117,7 @@ def _output_path(out: Path, max_shard_size: int | None) -> Path:
     """``out`` checked against ``max_shard_size``; with sharding, the index file's path."""
     if max_shard_size is not None and max_shard_size <= 0:
         raise UsageError(f"--max-shard-size must be positive, got {max_shard_size}")
-    if max_shard_size is None and out.name.endswith(_INDEX_SUFFIX):
+    if max_shard_size is None and out.name.endswith(INDEX_SUFFIX):
         raise UsageError(
             f"{out.name} names a shard index, but no --max-shard-size was given",
             hint="pass --max-shard-size (e.g. 2GB) or an output ending in .safetensors",
@@ -201,7 +127,7 @@ def _output_path(out: Path, max_shard_size: int | None) -> Path:
     return out
 
 
-def _report(plan: Plan, source: _Source) -> FoldReport:
+def _report(plan: Plan, source: OpenCheckpoint) -> FoldReport:
     return FoldReport(
         pairs=[pp.pair.linear for pp in plan.pairs],
         removed=plan.removed,
@@ -210,7 +136,7 @@ def _report(plan: Plan, source: _Source) -> FoldReport:
     )
 
 
-def _check_targets(source: _Source, targets: Sequence[Path], force: bool) -> None:
+def _check_targets(source: OpenCheckpoint, targets: Sequence[Path], force: bool) -> None:
     _refuse_input_as_output(source.paths, targets)
     existing = [t for t in targets if t.exists()]
     if existing and not force:
@@ -224,7 +150,7 @@ _Entries = list[tuple[str, str, tuple[int, ...]]]
 
 
 def _write_files(
-    source: _Source,
+    source: OpenCheckpoint,
     plan: Plan,
     shards: list[_Entries],
     targets: list[Path],
@@ -268,7 +194,7 @@ def _write_shard(
     queue: _WriteQueue,
     writer: st_format.StreamWriter,
     outputs: Sequence[OutTensor],
-    source: _Source,
+    source: OpenCheckpoint,
     buffers: _Buffers,
     on_pair: Callable[[str], None] | None,
 ) -> None:
@@ -277,19 +203,17 @@ def _write_shard(
     try:
         for o in outputs:
             if o.source is not None:
-                i = source.where[o.source]
-                h = source.headers[i]
+                fd, h = source.locate(o.source)
                 info = h.tensors[o.source]
-                queue.submit(writer.copy_range, source.fds[i], h.data_start + info.begin,
-                             info.nbytes, o.name)  # fmt: skip
+                queue.submit(writer.copy_range, fd, h.data_start + info.begin, info.nbytes,
+                             o.name)  # fmt: skip
             elif o.tensor is not None:
                 queue.submit(writer.write, o.name, tensor_bytes(o.tensor))
             else:
                 assert o.pair is not None
                 pp = o.pair
-                i = source.where[pp.pair.weight_key]
-                _stream_weight(queue, writer, source.fds[i], source.headers[i], pp, o.name,
-                               buffers)  # fmt: skip
+                fd, h = source.locate(pp.pair.weight_key)
+                _stream_weight(queue, writer, fd, h, pp, o.name, buffers)
                 if on_pair is not None:
                     on_pair(pp.pair.linear)
         queue.drain()

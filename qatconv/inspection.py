@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections import Counter
 from collections.abc import Mapping
@@ -16,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv import st_format
 from qatconv.errors import CheckpointError
+from qatconv.st_checkpoint import OpenCheckpoint, is_index, open_checkpoint, resolve
 
 if TYPE_CHECKING:
     from torch import nn
@@ -134,9 +133,9 @@ def inspect_file(path: Path, model: nn.Module | None = None, scan: PairScan | No
         tensors: the already-loaded tensors of a non-safetensors checkpoint.
     """
     path = Path(path)
-    headers = _safetensors_headers(path)
-    if headers is not None:
-        ins = _from_headers(path, headers)
+    if _is_safetensors(path):
+        with open_checkpoint(path) as ckpt:
+            ins = _from_checkpoint(path, ckpt)
     elif tensors is not None:
         ins = _from_tensors(path, tensors)
     else:
@@ -153,35 +152,21 @@ def inspect_file(path: Path, model: nn.Module | None = None, scan: PairScan | No
     return ins
 
 
-def _safetensors_headers(path: Path) -> list[st_format.Header] | None:
-    if path.is_dir():
-        index = sorted(path.glob("*.safetensors.index.json"))
-        singles = sorted(path.glob("*.safetensors"))
-        if len(index) == 1:
-            path = index[0]
-        elif len(singles) == 1:
-            path = singles[0]
-        else:
-            raise CheckpointError(
-                f"{path} is a folder without exactly one *.safetensors.index.json or .safetensors"
-            )
-    if path.name.endswith(".index.json"):
-        shards = sorted(set(st_format.read_index(path).values()))
-        return [st_format.read_header(s) for s in shards]
-    if path.suffix == ".safetensors":
-        return [st_format.read_header(path)]
-    return None
+def _is_safetensors(path: Path) -> bool:
+    resolved = resolve(path)
+    return is_index(resolved) or resolved.name.lower().endswith(".safetensors")
 
 
-def _from_headers(path: Path, headers: list[st_format.Header]) -> Inspection:
+def _from_checkpoint(path: Path, ckpt: OpenCheckpoint) -> Inspection:
+    headers = ckpt.headers
     dtypes: Counter[str] = Counter()
     params = nbytes = count = 0
-    for h in headers:
-        for info in h.tensors.values():
-            dtypes[info.dtype] += 1
-            params += info.numel
-            nbytes += info.nbytes
-            count += 1
+    for name in ckpt.where:
+        info = ckpt.info(name)
+        dtypes[info.dtype] += 1
+        params += info.numel
+        nbytes += info.nbytes
+        count += 1
     meta = headers[0].metadata.get("qatconv") if headers else None
     qat_meta = _parse_meta(path, meta)
     ins = Inspection(
@@ -194,7 +179,8 @@ def _from_headers(path: Path, headers: list[st_format.Header]) -> Inspection:
         dict(sorted(dtypes.items())),
         qat_meta,
     )
-    ins.bn_health = _health_from_headers(headers)
+    ins.bn_health = _health_from_checkpoint(ckpt)
+    ins.notes += ckpt.notes
     return ins
 
 
@@ -208,12 +194,11 @@ def _parse_meta(path: Path, raw: str | None) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _read_vector(header: st_format.Header, name: str) -> Vector | None:
-    info = header.tensors[name]
+def _read_vector(ckpt: OpenCheckpoint, name: str) -> Vector | None:
+    info = ckpt.info(name)
     if info.nbytes > 64 * 2**20:  # BN vectors are small; skip anything else
         return None
-    with open(header.path, "rb") as f:
-        raw = os.pread(f.fileno(), info.nbytes, header.data_start + info.begin)
+    raw = ckpt.read(name)
     n = info.numel
     if info.dtype == "BF16":  # the top 16 bits of a float32
         halves = struct.unpack(f"<{n}H", raw)
@@ -222,8 +207,8 @@ def _read_vector(header: st_format.Header, name: str) -> Vector | None:
     return None if code is None else list(struct.unpack(f"<{n}{code}", raw))
 
 
-def _health_from_headers(headers: list[st_format.Header]) -> list[BnHealth]:
-    where = {name: h for h in headers for name in h.tensors}
+def _health_from_checkpoint(ckpt: OpenCheckpoint) -> list[BnHealth]:
+    where = ckpt.where
     out = []
     for name in sorted(where):
         if not name.endswith(".running_var"):
@@ -232,7 +217,7 @@ def _health_from_headers(headers: list[st_format.Header]) -> list[BnHealth]:
 
         def read(key: str, _p: str = prefix) -> Vector | None:
             k = _p + key
-            return _read_vector(where[k], k) if k in where else None
+            return _read_vector(ckpt, k) if k in where else None
 
         out.append(
             _health(prefix[:-1], read("weight"), read("bias"), read("running_mean"), read("running_var"))

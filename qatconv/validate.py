@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatconv import st_format
 from qatconv.errors import CheckpointError
+from qatconv.st_checkpoint import open_checkpoint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -237,49 +237,31 @@ def check_qat_tensors(
     Raises:
         CheckpointError: the first problem found, naming the tensor and the channels.
     """
-    headers = _headers(Path(path))
     var_keys = {f"{r['qat']}.bn.running_var" for r in records}
     problems: list[tuple[str, str]] = []
-    for header in headers:
-        try:
-            fd = os.open(header.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CheckpointError(f"cannot read {header.path}: {e.strerror or e}") from None
-        try:
-            for name in sorted(header.tensors):
-                info = header.tensors[name]
-                if (info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name
-                        or name in skip):
-                    continue
-                rows = info.shape[0] if info.shape else 1
-                bad_rows = _scan_nonfinite(fd, header, name)
-                if bad_rows:
-                    unit = "channels" if len(info.shape) == 1 else "output channels"
+    with open_checkpoint(Path(path)) as ckpt:
+        for name in sorted(ckpt.where, key=lambda n: (ckpt.where[n], n)):
+            fd, header = ckpt.locate(name)
+            info = header.tensors[name]
+            if (info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name
+                    or name in skip):
+                continue
+            rows = info.shape[0] if info.shape else 1
+            bad_rows = _scan_nonfinite(fd, header, name)
+            if bad_rows:
+                unit = "channels" if len(info.shape) == 1 else "output channels"
+                problems.append(
+                    (f"{name} has NaN/inf values in {bad_rows} of {rows} {unit}",
+                     _NONFINITE_HINT)
+                )
+            elif name in var_keys:
+                var = _as_float64(st_format.read_tensor_bytes(fd, header, name), info.dtype)
+                bad = int((var <= 0).sum())
+                if bad:
                     problems.append(
-                        (f"{name} has NaN/inf values in {bad_rows} of {rows} {unit}",
-                         _NONFINITE_HINT)
+                        (f"{name} is <= 0 in {bad} of {var.size} channels", _VAR_HINT)
                     )
-                elif name in var_keys:
-                    var = _as_float64(st_format.read_tensor_bytes(fd, header, name), info.dtype)
-                    bad = int((var <= 0).sum())
-                    if bad:
-                        problems.append(
-                            (f"{name} is <= 0 in {bad} of {var.size} channels", _VAR_HINT)
-                        )
-        finally:
-            os.close(fd)
     _raise_first(problems, path)
-
-
-def _headers(path: Path) -> list[st_format.Header]:
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        singles = sorted(path.glob("*.safetensors"))
-        path = indexes[0] if len(indexes) == 1 else singles[0] if len(singles) == 1 else path
-    if path.name.endswith(".index.json"):
-        files = sorted(set(st_format.read_index(path).values()))
-        return [st_format.read_header(f) for f in files]
-    return [st_format.read_header(path)]
 
 
 def _as_float64(raw: bytes | memoryview, dtype: str) -> np.ndarray:
