@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from qatconv.distributed import Replica
     from qatconv.inspection import Inspection
     from qatconv.pairs import PairScan
     from qatconv.qat import StepInfo
@@ -235,6 +236,7 @@ def prepare(
     strict: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    replica: Replica | None = None,
 ) -> PrepareReport:
     """Float checkpoint -> QAT checkpoint (LinearBn1d per pair, calibrated or fine-tuned).
 
@@ -250,6 +252,9 @@ def prepare(
         strict: skip pairs whose feature axis cannot be proven.
         on_step: fine-tune progress callback.
         on_note: called with each sentence about what was done.
+        replica: this rank of a distributed run (`qatconv.distributed.session`): the
+            fine-tune splits each global batch across ranks, the metrics pass splits the data,
+            rank 0 alone writes ``out`` once every rank has finished.
 
     Returns:
         PrepareReport. Raises a `QatconvError` subclass on bad input.
@@ -263,7 +268,9 @@ def prepare(
     note = on_note or (lambda s: log.info(s))
     started = time.perf_counter()
     inputs_paths = [p for p in (model_cfg.weights, data) if p is not None]
-    checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
+    writer = replica is None or replica.launch.is_main
+    if writer:
+        checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
     _refuse_qatconv_output(model_cfg.weights)
     loaded = load_model(model_cfg)
     for n in loaded.notes:
@@ -284,13 +291,17 @@ def prepare(
     validate.check_model_state(model, records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
     qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
-                                    on_step, warnings_)  # fmt: skip
+                                    on_step, warnings_, replica)  # fmt: skip
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
                          metrics)  # fmt: skip
-    checkpoint.write_safetensors(
-        _qat_state(qat_model, orig_dtype), out,
-        {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force, inputs=inputs_paths,
-    )
+    if replica is not None:
+        meta["distributed"] = replica.to_json()
+        replica.barrier()  # every rank trained without error: now rank 0 writes
+    if writer:
+        checkpoint.write_safetensors(
+            _qat_state(qat_model, orig_dtype), out,
+            {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force, inputs=inputs_paths,
+        )
     return PrepareReport(
         output=out,
         pairs=records,
@@ -344,18 +355,21 @@ def _train_qat(
     quant: QuantConfig,
     on_step: Callable[[StepInfo], None] | None,
     warnings_: list[str],
+    replica: Replica | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Swap the pairs for LinearBn1d, calibrate or fine-tune; the QAT model and its metrics."""
     import torch
 
     from qatconv import qat
 
-    device = _pick_device(train.device.value)
+    device = _pick_device(train.device.value) if replica is None else replica.device
     torch.manual_seed(train.seed)
     float_model = model.to(device)
     qat_model = qat.deepcopy_model(float_model)
     qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant))
     qat_model.to(device)
+    if replica is not None:
+        replica.synchronize_statistics_([m for _, m in qat.qat_modules(qat_model)])
     inputs = inputs.to(device)
     targets = targets.to(device) if targets is not None else None
     result = None
@@ -366,8 +380,14 @@ def _train_qat(
     else:
         if train.recalibrate_bn:
             qat.calibrate_(qat_model, inputs, batch_size=train.batch_size, recalibrate_bn=True)
-        result = qat.finetune_(qat_model, float_model, inputs, targets, train, on_step=on_step)
-    metrics: dict[str, Any] = qat.simulated_metrics(qat_model, float_model, inputs)
+        result = qat.finetune_(qat_model, float_model, inputs, targets, train, on_step=on_step,
+                               replica=replica)
+    if replica is None:
+        metrics: dict[str, Any] = qat.simulated_metrics(qat_model, float_model, inputs)
+    else:
+        lo, hi = replica.row_range(len(inputs))
+        metrics = qat.simulated_metrics(qat_model, float_model, inputs.narrow(0, lo, hi - lo),
+                                        reduce_sums=replica.sum_)
     if result is not None:
         _add_loss_metrics(metrics, result, warnings_)
     return qat_model, metrics

@@ -217,6 +217,7 @@ def prepare(
     weight_bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and init; same inputs + seed = same file.")] = 0,
     device: Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")] = Device.cpu,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torch.distributed: gloo on CPU, nccl with one GPU each): each global --batch-size batch is split across them, BN statistics and activation ranges are those of the global batch, rank 0 writes. Several machines: torchrun ... -m qatconv prepare.")] = 1,
     target_column: TargetColOpt = None,
     strict: StrictPairsOpt = False,
     allow_no_pairs: AllowNoPairsOpt = False,
@@ -227,24 +228,31 @@ def prepare(
     debug: DebugOpt = False,
 ) -> None:
     """Swap each safe Linear+BatchNorm1d pair for LinearBn1d, calibrate or fine-tune, save."""
-    from qatconv import api
+    from qatconv import api, distributed
 
-    out = Output(json_mode=json_, quiet=quiet)
+    if nproc != 1 and distributed.Launch.from_env() is None:
+        with _interruptible():
+            distributed.launch_local(nproc, distributed.strip_nproc(_invocation()))
+        return
+    main_rank = distributed.is_main_process()
+    out = Output(json_mode=json_ and main_rank, quiet=quiet or not main_rank)
     train = TrainConfig(mode, steps, batch_size, lr, loss, optimizer, freeze_bn_after,
                         freeze_observers_after, recalibrate_bn, seed, device)
     quant = QuantConfig(backend, weight_bits)
     cfg = _model_cfg(model, model_arg, weights, trust_pickle)
     total = steps if mode is Mode.finetune else 0
-    with _interruptible(), out.progress("fine-tune", total) as advance:
+    with _interruptible(), distributed.session(device.value) as replica, \
+            out.progress("fine-tune", total) as advance:
         def on_step(info: Any) -> None:
             advance(info.step, info=f"loss {info.loss:.4g}  {info.samples_per_s:,.0f} samples/s")
 
         report = api.prepare(cfg, data, output, train=train, quant=quant,
                              target_column=target_column, force=force,
                              allow_no_pairs=allow_no_pairs, strict=strict, on_step=on_step,
-                             on_note=out.note)
+                             on_note=out.note, replica=replica)
     for w in report.warnings:
         out.warn(w)
+    dist_info = report.metadata.get("distributed")
     out.result({
         "output": str(report.output),
         "warnings": report.warnings,
@@ -253,6 +261,7 @@ def prepare(
         "metrics": report.metrics,
         "seconds": report.seconds,
         "notes": report.notes,
+        **({"distributed": dist_info} if dist_info else {}),
     })
     if out.human:
         out.table(_pair_table(report.pairs, report.skipped))
@@ -497,6 +506,14 @@ def _stdout_guarded(callback: Callable[..., Any] | None) -> Callable[..., Any] |
     return run
 
 
+_ARGV: list[str] = []
+
+
+def _invocation() -> list[str]:
+    """The arguments `main` was called with (``sys.argv`` when the app runs without it)."""
+    return list(_ARGV) if _ARGV else sys.argv[1:]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; every failure ends as `error:` / `hint:` + exit code.
 
@@ -509,8 +526,11 @@ def main(argv: list[str] | None = None) -> None:
     from qatconv.errors import InterruptedError_
 
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = args
     debug = "--debug" in args or os.environ.get("QATCONV_DEBUG") == "1"
-    json_mode = "--json" in args
+    from qatconv.distributed import is_main_process
+
+    json_mode = "--json" in args and is_main_process()  # stdout belongs to rank 0
     result_written(reset=True)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"torch\.ao\..*")
@@ -518,9 +538,11 @@ def main(argv: list[str] | None = None) -> None:
     def fail(message: str, hint: str | None, code: int, exc: BaseException | None) -> None:
         if debug and exc is not None:
             traceback.print_exception(type(exc), exc, exc.__traceback__)
-        sys.stderr.write(error_line(message, hint) + "\n")
-        sys.stderr.flush()
-        if json_mode and not result_written():
+        # A distributed run: the failing rank prints its error, rank 0 owns stdout.
+        if getattr(exc, "echo", True):
+            sys.stderr.write(error_line(message, hint) + "\n")
+            sys.stderr.flush()
+        if json_mode and getattr(exc, "json", True) and not result_written():
             sys.stdout.write(error_json(message, hint, code))
             sys.stdout.flush()
         sys.exit(code)

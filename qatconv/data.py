@@ -141,6 +141,12 @@ class Rows:
     def float(self) -> Rows:
         return self.to(torch.float32)
 
+    def narrow(self, dim: int, start: int, length: int) -> Rows:
+        """Rows ``[start, start + length)`` as `Rows` (like `torch.Tensor.narrow` on dim 0)."""
+        if dim != 0 or not 0 <= start <= start + length <= self.rows:
+            raise IndexError(f"cannot narrow {self.rows} rows to [{start}, {start + length})")
+        return replace(self, offset=self.offset + start * self.row_bytes, rows=length)
+
     def __getitem__(self, key: Any) -> torch.Tensor:
         if isinstance(key, slice):
             start, stop, step = key.indices(self.rows)

@@ -151,7 +151,6 @@ class RankFailedError(QatconvError):
 
 def describe(e: BaseException) -> tuple[int, str, str | None]:
     """Exit code, message and hint of an exception, as `qatconv.cli.main` reports it."""
-    import torch.distributed as dist
 
     if isinstance(e, QatconvError):
         return e.exit_code, e.message, e.hint
@@ -159,7 +158,7 @@ def describe(e: BaseException) -> tuple[int, str, str | None]:
         return 130, "interrupted; no output was written", None
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
         return 1, "out of memory", "use a smaller --batch-size, or more memory per process"
-    if isinstance(e, dist.DistError):
+    if _is_peer_loss(e):
         lost = ("lost contact with another rank (it was killed, ran out of memory, or its "
                 "machine went away)")
         return 1, lost, f"its log says why; collectives time out after {TIMEOUT_ENV} seconds"
@@ -170,6 +169,19 @@ def describe(e: BaseException) -> tuple[int, str, str | None]:
         "this is a bug in qatconv: rerun with --debug and report the traceback"
 
 
+# What gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors).
+_PEER_LOSS_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "timed out",
+                    "broken pipe")
+
+
+def _is_peer_loss(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_LOSS_WORDS)
+    )
+
+
 def _store() -> Any:
     from torch.distributed import distributed_c10d
 
@@ -178,26 +190,32 @@ def _store() -> Any:
     return store
 
 
+def _wait_for_key(store: Any, seconds: float) -> None:
+    """Poll (quietly: a timed-out `store.wait` logs a warning) until the key or the deadline."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    try:
+        while not store.check([_ERROR_KEY]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except BaseException as e:  # noqa: BLE001 - a second SIGTERM or a dead store: stop waiting
+        log.debug("stopped waiting for another rank's error: %r", e)
+
+
 def resolve_failure(launch: Launch, e: BaseException) -> RankFailedError:
     """The run's first failure, given that this rank stopped with ``e``.
 
     An error of this rank's own is published unless another rank's came first; a broken
     collective (or torchrun's SIGTERM after another rank died) adopts the published one.
     """
-    import torch.distributed as dist
-
     own = Failure(launch.rank, *describe(e))
-    peer_side = isinstance(e, (dist.DistError, KeyboardInterrupt))
     try:
         store = _store()
-        if peer_side:
-            try:
-                store.wait([_ERROR_KEY], timedelta(seconds=_PEER_ERROR_WAIT_S))
-            except Exception as none:  # noqa: BLE001 - nobody published: report our own view
-                log.debug("no failure published by another rank: %s", none)
+        if isinstance(e, KeyboardInterrupt) or _is_peer_loss(e):
+            _wait_for_key(store, _PEER_ERROR_WAIT_S)
         first = Failure.from_json(store.compare_set(_ERROR_KEY, "", own.to_json()))
-    except Exception as store_error:  # noqa: BLE001 - the store went away with its host
-        log.debug("cannot reach the store: %s", store_error)
+    except BaseException as store_error:  # noqa: BLE001 - the store went away with its host
+        log.debug("cannot reach the store: %r", store_error)
         first = own
     return RankFailedError(first, echo=first.rank == launch.rank, json=launch.is_main)
 
@@ -260,7 +278,20 @@ class Replica:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+    def synchronize_statistics_(self, qat_modules: Sequence[nn.Module]) -> None:
+        """BatchNorm statistics and activation ranges of the global batch on every rank."""
+        sync_batch_norm_(qat_modules, self.group)
+        sync_input_observers_(qat_modules, self.group)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a checkpoint records about the run that wrote it."""
+        return {
+            "world_size": self.world_size,
+            "backend": "nccl" if self.device.type == "cuda" else "gloo",
+            "batch_norm_statistics": "global batch (summed across ranks)",
+        }
 
     def barrier(self) -> None:
         import torch

@@ -49,6 +49,7 @@ from qatconv.outputs import (
 
 if TYPE_CHECKING:
     from qatconv.data import Rows
+    from qatconv.distributed import Replica
 
 log = logging.getLogger(__name__)
 
@@ -364,13 +365,16 @@ class TrainResult:
     observers_frozen_at: int | None = None
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled index batches; the last short batch of an epoch is dropped if < 2."""
+def _batches(
+    n: int, batch_size: int, gen: torch.Generator, min_rows: int = 2
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled index batches; the last short batch of an epoch is dropped if it has
+    fewer than ``min_rows`` (2; the number of ranks when that is larger)."""
     while True:
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            if len(idx) >= 2:
+            if len(idx) >= min_rows:
                 yield idx
 
 
@@ -506,6 +510,7 @@ def finetune_(
     config: TrainConfig,
     *,
     on_step: Callable[[StepInfo], None] | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Gradient steps on the QAT model with the BN and observer freeze schedule.
 
@@ -515,6 +520,8 @@ def finetune_(
         inputs, targets: the training data (targets unused for distill).
         config: steps, batch size, lr, loss, optimizer, freeze schedule, seed.
         on_step: called after every step.
+        replica: this rank of a distributed run: it computes its slice of each global batch
+            under DDP; the losses reported are the global batch's.
     """
     if config.mode is not Mode.finetune:
         raise ValueError("finetune_ needs mode=finetune")
@@ -552,7 +559,9 @@ def finetune_(
     set_fake_quant_(model, fake_quant=True, observer=True)
     result = TrainResult()
     bn_at, obs_at = config.bn_freeze_step, config.observer_freeze_step
-    batches = _batches(len(inputs), config.batch_size, gen)
+    forward = model if replica is None else replica.wrap(model)
+    world = 1 if replica is None else replica.world_size
+    batches = _batches(len(inputs), config.batch_size, gen, max(2, world))
     start = time.perf_counter()
     for step in range(config.steps):
         if step == bn_at:
@@ -566,17 +575,22 @@ def finetune_(
                     m.input_fake_quant.disable_observer()
             result.observers_frozen_at = step
         idx = next(batches)
-        x = inputs[idx]
-        loss = _step_loss(criterion, model(x), _batch_goal(goal, idx, teacher, x), idx)
-        if not torch.isfinite(loss):
+        local = idx if replica is None else replica.shard(idx)
+        x = inputs[local]
+        loss = _step_loss(criterion, forward(x), _batch_goal(goal, local, teacher, x), local)
+        if replica is not None:
+            loss, shown = replica.weighted_loss(loss, len(local), len(idx))
+        else:
+            shown = float(loss.detach())
+        if not math.isfinite(shown):
             raise BadInputError(
-                f"loss became {loss.item()} at step {step}",
+                f"loss became {shown} at step {step}",
                 hint="lower --lr, or check the data for extreme values",
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        result.losses.append(float(loss.detach()))
+        result.losses.append(shown)
         result.samples += len(idx)
         if on_step is not None:
             elapsed = time.perf_counter() - start
