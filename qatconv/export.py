@@ -238,20 +238,22 @@ def _quant_linear(model: nn.Module, path: str, q: Any, rec: dict[str, Any],
 
 
 def _sample_input(model: nn.Module, data: Any, input_shape: Sequence[int] | None) -> torch.Tensor:
+    """Two samples to trace with: from the data, ``input_shape``, or the first Linear's width."""
     if data is not None:
         return data.inputs[:2].float()
     if input_shape is not None:
         return torch.zeros(2, *input_shape)
+    need = UsageError("export needs the model's input shape",
+                      hint="pass --check DATA or --input-shape (one sample, e.g. 16,64)")
     first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    sample = torch.zeros(2, first.in_features) if first is not None else None
+    if first is None:
+        raise need
+    sample = torch.zeros(2, first.in_features)
     try:
         with torch.no_grad():
             model(sample)
     except Exception:  # noqa: BLE001 - any failure means: the guess is not the input shape
-        sample = None
-    if sample is None:
-        raise UsageError("export needs the model's input shape",
-                         hint="pass --check DATA or --input-shape (one sample, e.g. 16,64)")
+        raise need from None
     return sample
 
 
@@ -322,9 +324,10 @@ def _marker_fn(linear: nn.Linear, path: str) -> type[torch.autograd.Function]:
         def symbolic(g: Any, x: Any) -> Any:
             from qatconv.onnx_qdq import MARKER_DOMAIN, MARKER_OP
 
-            rank = x.type().dim()
-            y = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, path_s=path, rank_i=rank)
-            y.setType(x.type().with_sizes([None] * (rank - 1) + [out_features]))
+            rank = x.type().dim()  # known: the trace ran on a sample
+            y = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, path_s=path, rank_i=rank or 0)
+            if rank:
+                y.setType(x.type().with_sizes([None] * (rank - 1) + [out_features]))
             return y
 
     return QLinear
