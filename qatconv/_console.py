@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qatconv.errors import first_line
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
@@ -136,12 +138,12 @@ class Output:
 
 
 def error_line(message: str, hint: str | None) -> str:
-    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    return f"error: {first}" + (f"\nhint: {hint.strip().splitlines()[0]}" if hint else "")
+    first = first_line(message, "unknown error")
+    return f"error: {first}" + (f"\nhint: {first_line(hint)}" if hint else "")
 
 
 def error_json(message: str, hint: str | None, exit_code: int) -> str:
     """The one JSON object `--json` prints on stdout when a command fails."""
-    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    hint_line = hint.strip().splitlines()[0] if hint and hint.strip() else None
+    first = first_line(message, "unknown error")
+    hint_line = first_line(hint) if hint and hint.strip() else None
     return json.dumps({"error": first, "hint": hint_line, "exit_code": exit_code}) + "\n"

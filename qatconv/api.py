@@ -6,7 +6,6 @@ fold, ...) are imported inside the functions so that importing this module stays
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from qatconv import __version__
 from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
-from qatconv.errors import BadInputError, CheckFailedError, DataError, NoPairsError, UsageError
+from qatconv.errors import (
+    BadInputError,
+    CheckFailedError,
+    DataError,
+    NoPairsError,
+    UsageError,
+    first_line,
+)
+from qatconv.metadata import FORMAT_VERSION, header_entries
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METADATA_KEY = "qatconv"
 
 
 @dataclass
@@ -164,7 +169,7 @@ def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> None
             model.eval()
             model(inputs[:2])
     except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise DataError(
             f"the data in {path} (inputs {tuple(inputs.shape)}) does not fit the model: {first}",
             hint="check the feature count and layout the model expects",
@@ -300,7 +305,7 @@ def prepare(
     if writer:
         checkpoint.write_safetensors(
             _qat_state(qat_model, orig_dtype), out,
-            {METADATA_KEY: json.dumps(meta, sort_keys=True)}, force=force, inputs=inputs_paths,
+            header_entries(meta), force=force, inputs=inputs_paths,
         )
     return PrepareReport(
         output=out,
@@ -930,7 +935,7 @@ def _fold_stream_or_memory(
 
     from qatconv import checkpoint
 
-    metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    metadata = header_entries(meta)
     kwargs = {
         "metadata": metadata, "emit_qparams": emit_qparams, "max_shard_size": max_shard_size,
         "force": force, "on_pair": on_pair,

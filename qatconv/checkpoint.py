@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatconv import dtypes, st_format
-from qatconv.errors import CheckpointError, OutputError
+from qatconv.errors import CheckpointError, OutputError, first_line
+from qatconv.metadata import METADATA_KEY, parse_metadata
 from qatconv.st_checkpoint import (  # noqa: F401 - checkpoint_files is part of this API
     INDEX_SUFFIX,
     OpenCheckpoint,
@@ -46,7 +47,6 @@ CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # DDP, torch.compile, Lightning: stripped only when that makes the keys match the model better.
 STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 _MAX_STRIPS = 4
-METADATA_KEY = "qatconv"
 
 _TRUST_HINT = "if you trust this file, rerun with --trust-pickle (unpickling it can run any code)"
 
@@ -304,10 +304,8 @@ def _empty(path: Path) -> CheckpointError:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if isinstance(e, KeyError):
-        text = f"KeyError {text}"
-    return text.splitlines()[0] if text else type(e).__name__
+    # A KeyError's message is only the key: say what it is.
+    return first_line(f"KeyError {e}" if isinstance(e, KeyError) else e, type(e).__name__)
 
 
 # ------------------------------------------------------------------------ matching to a model
@@ -509,7 +507,7 @@ def _prepare(name: str, t: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(t, torch.Tensor):
         raise OutputError(f"cannot save {name!r}: it is a {type(t).__name__}, not a tensor")
-    if dtypes.st_dtype(t.dtype) is None or t.is_sparse or t.is_quantized:
+    if not dtypes.has_st_dtype(t.dtype) or t.is_sparse or t.is_quantized:
         raise OutputError(f"cannot save {name!r}: safetensors has no {t.dtype} (or layout) type")
     return t.detach().to("cpu").contiguous()
 
@@ -535,25 +533,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if path.name.lower().endswith(INDEX_SUFFIX):
         index_metadata, weight_map = st_format.read_index_full(path)
         raw = index_metadata.get(METADATA_KEY)
-        if isinstance(raw, dict):
-            return raw
         if raw is None and weight_map:
             path = shard_file(path, min(set(weight_map.values())))
     if raw is None:
         raw = st_format.read_header(path).metadata.get(METADATA_KEY)
-    if raw is None:
-        return {}
-    try:
-        obj = json.loads(raw) if isinstance(raw, str) else None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, digit limits, deep nesting
-        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
-        raise CheckpointError(
-            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({why})",
-            hint="the file was edited or written by another tool; re-run qatconv to recreate it",
-        ) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{path}: the {METADATA_KEY!r} metadata is not a JSON object",
-            hint="the file was edited or written by another tool; re-run qatconv to recreate it",
-        )
-    return obj
+    return parse_metadata(raw, path) or {}

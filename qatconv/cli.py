@@ -29,7 +29,7 @@ from qatconv.config import (
     QuantConfig,
     TrainConfig,
 )
-from qatconv.errors import QatconvError
+from qatconv.errors import QatconvError, first_line
 
 app = typer.Typer(
     name="qatconv",
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
                  "space", 3, e)
         if isinstance(e, MemoryError):
             fail("out of memory", "use smaller inputs or a machine with more memory", 1, e)
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e)
         fail(f"internal error: {type(e).__name__}{': ' + first if first else ''}",
              "this is a bug in qatconv: rerun with --debug and report the traceback", 1, e)
     finally:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatconv.errors import CheckpointError, DataError, UsageError
+from qatconv.errors import CheckpointError, DataError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,7 @@ def check_features(
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
+        first = first_line(e, type(e).__name__)
         hint = "the data's features must match the model's input"
         if example_shape_hint:
             hint += f" ({example_shape_hint})"
@@ -621,8 +620,7 @@ def _check_finite_rows(path: Path, inputs: Rows) -> None:
 
 
 def _unreadable(path: Path, e: BaseException) -> DataError:
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
+    first = first_line(e, type(e).__name__)
     return DataError(
         f"cannot read data file {path}: {first}",
         hint="the file is corrupt or not in the format its extension says",

@@ -16,7 +16,9 @@ __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
     "INT_DTYPES",
+    "RANK",
     "SIZES",
+    "has_st_dtype",
     "st_dtype",
     "tensor_bytes",
     "torch_dtype",
@@ -69,9 +71,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name].torch)
 
 
-def st_dtype(dtype: torch.dtype) -> str | None:
-    """The safetensors name of a torch dtype; None when safetensors has no such type."""
-    return _BY_TORCH_NAME.get(str(dtype).removeprefix("torch."))
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (KeyError when safetensors has no such type)."""
+    return _BY_TORCH_NAME[str(dtype).removeprefix("torch.")]
+
+
+def has_st_dtype(dtype: torch.dtype) -> bool:
+    return str(dtype).removeprefix("torch.") in _BY_TORCH_NAME
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -62,3 +62,16 @@ class InterruptedError_(QatconvError):
     """SIGINT/SIGTERM during a long command (exit 130)."""
 
     exit_code = 130
+
+
+def first_line(text: object, default: str = "") -> str:
+    """The first line of ``str(text)`` (an exception, a message), stripped; ``default`` when
+    there is none. Errors are one line: this is how a multi-line message becomes one."""
+    stripped = str(text).strip()
+    return stripped.splitlines()[0] if stripped else default
+
+
+def describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception (just the type when it says nothing)."""
+    first = first_line(e)
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

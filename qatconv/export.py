@@ -26,7 +26,13 @@ from torch import nn
 
 from qatconv.atomic import write_atomic
 from qatconv.config import ModelConfig
-from qatconv.errors import BadInputError, CheckFailedError, CheckpointError, UsageError
+from qatconv.errors import (
+    BadInputError,
+    CheckFailedError,
+    CheckpointError,
+    UsageError,
+    first_line,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -285,17 +291,13 @@ def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Ten
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
             raise BadInputError(f"torch.onnx.export failed: {type(e).__name__}: "
-                                f"{_first_line(e)}",
+                                f"{first_line(e)[:300]}",
                                 hint="the model must be traceable by torch.jit.trace") from None
     proto = onnx.load_from_string(buf.getvalue())
     lowered = onnx_qdq.lower_markers(proto, linears)
     del proto.graph.value_info[:]  # stale shapes of the marker outputs
     onnx.checker.check_model(proto, full_check=True)
     return proto, lowered
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 class _Marker(nn.Module):

@@ -16,21 +16,11 @@ from typing import Any
 
 import torch
 
+from qatconv.dtypes import FLOAT_DTYPES, INT_DTYPES, has_st_dtype, st_dtype, torch_dtype
 from qatconv.errors import CheckpointError, UsageError
 from qatconv.fold_math import bn_scale, fold_bias
 
 __all__ = ["FoldPair", "FoldReport", "fold_state_dict", "make_plan"]
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_INT_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
 
 TensorInfos = Mapping[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
 
@@ -270,10 +260,10 @@ def _outputs(
             p = pp.pair
             outputs.append(OutTensor(p.out_weight, pp.weight_dtype, pp.shape, pair=pp))
             outputs.append(
-                OutTensor(p.out_bias, ST_DTYPES[pp.bias.dtype], (pp.shape[0],), tensor=pp.bias)
+                OutTensor(p.out_bias, st_dtype(pp.bias.dtype), (pp.shape[0],), tensor=pp.bias)
             )
             for qname, t in pp.extra.items():
-                outputs.append(OutTensor(qname, ST_DTYPES[t.dtype], tuple(t.shape), tensor=t))
+                outputs.append(OutTensor(qname, st_dtype(t.dtype), tuple(t.shape), tensor=t))
         elif not dropped(name):
             outputs.append(OutTensor(name, dtype, shape, source=name))
     return outputs
@@ -303,11 +293,11 @@ def _plan_pair(
     assert mean is not None and var is not None  # keys are mandatory
     bias, gamma, beta = vecs["bias"], vecs["BN weight"], vecs["BN bias"]
     s = bn_scale(var, p.eps, gamma)
-    bias_dtype = bias.dtype if bias is not None else TORCH_DTYPES[w_dtype]
+    bias_dtype = bias.dtype if bias is not None else torch_dtype(w_dtype)
     folded_bias = fold_bias(bias, mean, s, beta, bias_dtype, out)
     if not bool(torch.isfinite(s).all()) or not bool(torch.isfinite(folded_bias).all()):
         raise CheckpointError(
-            f"pair {p.linear!r}: the folded bias overflows {ST_DTYPES[bias_dtype]} "
+            f"pair {p.linear!r}: the folded bias overflows {st_dtype(bias_dtype)} "
             f"(gamma / sqrt(running_var + eps) reaches {float(s.abs().max()):.3g})"
         )
     extra: dict[str, torch.Tensor] = {}
@@ -319,10 +309,10 @@ def _plan_pair(
 
 def _check_weight(p: FoldPair, infos: TensorInfos) -> tuple[str, tuple[int, ...]]:
     w_dtype, w_shape = infos[p.weight_key]
-    if w_dtype not in _FLOAT_DTYPES:
+    if w_dtype not in FLOAT_DTYPES:
         raise CheckpointError(
             f"pair {p.linear!r}: weight {p.weight_key!r} is {w_dtype}; folding supports "
-            f"{', '.join(_FLOAT_DTYPES)}"
+            f"{', '.join(FLOAT_DTYPES)}"
         )
     if len(w_shape) != 2:
         raise CheckpointError(
@@ -343,7 +333,7 @@ def _load_vectors(
             vecs[what] = None
             continue
         dtype, shape = infos[key]
-        if dtype not in _FLOAT_DTYPES or shape != (out,):
+        if dtype not in FLOAT_DTYPES or shape != (out,):
             raise CheckpointError(
                 f"pair {p.linear!r}: {what} {key!r} is {dtype} {list(shape)}; expected a float "
                 f"vector of the weight's {out} output channels"
@@ -383,7 +373,7 @@ def _qparams(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     assert p.scale_key is not None and p.zero_point_key is not None
     (s_dtype, s_shape), (z_dtype, z_shape) = infos[p.scale_key], infos[p.zero_point_key]
-    if s_dtype not in _FLOAT_DTYPES or z_dtype not in _INT_DTYPES or s_shape != z_shape:
+    if s_dtype not in FLOAT_DTYPES or z_dtype not in INT_DTYPES or s_shape != z_shape:
         raise CheckpointError(
             f"pair {p.linear!r}: fake-quant scale {s_dtype} {list(s_shape)} / zero_point "
             f"{z_dtype} {list(z_shape)} are not float / integer vectors of one shape"
@@ -437,7 +427,7 @@ def fold_state_dict(
     """
     infos: dict[str, tuple[str, tuple[int, ...]]] = {}
     for k, t in tensors.items():
-        infos[k] = (ST_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        infos[k] = (st_dtype(t.dtype) if has_st_dtype(t.dtype) else str(t.dtype), tuple(t.shape))
     plan = make_plan(infos, lambda k: tensors[k], pairs, emit_qparams, "the state dict")
     result: dict[str, torch.Tensor] = {}
     for o in plan.outputs:
@@ -459,7 +449,7 @@ def check_folded(p: FoldPair, folded: torch.Tensor) -> None:
         bad = int((~torch.isfinite(folded)).sum())
         raise CheckpointError(
             f"pair {p.linear!r}: {bad} folded weight values are not finite in "
-            f"{ST_DTYPES[folded.dtype]}",
+            f"{st_dtype(folded.dtype)}",
             hint="the source weight holds NaN/inf, or gamma / sqrt(running_var + eps) is so "
             "large that the weight overflows its dtype",
         )

@@ -24,10 +24,9 @@ import torch
 
 from qatconv import st_format
 from qatconv.atomic import AtomicFile
-from qatconv.dtypes import SIZES, tensor_bytes
+from qatconv.dtypes import SIZES, tensor_bytes, torch_dtype
 from qatconv.errors import OutputError, UsageError
 from qatconv.fold_plan import (
-    TORCH_DTYPES,
     FoldPair,
     FoldReport,
     OutTensor,
@@ -48,7 +47,7 @@ CHUNK_ELEMENTS = 1 << 21
 def _load_small(source: OpenCheckpoint, name: str) -> torch.Tensor:
     fd, header = source.locate(name)
     info = header.tensors[name]
-    dtype = TORCH_DTYPES[info.dtype]
+    dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
     data = bytearray(st_format.read_tensor_bytes(fd, header, name))
@@ -324,7 +323,7 @@ def _stream_weight(
                 np.multiply(w, s, out=w, casting="unsafe")
                 total = float(w.sum())
             else:
-                w16 = torch.frombuffer(raw, dtype=TORCH_DTYPES[pp.weight_dtype], count=n)
+                w16 = torch.frombuffer(raw, dtype=torch_dtype(pp.weight_dtype), count=n)
                 acc = buffers.f32[:n].reshape(r1 - r0, cols)
                 torch.from_numpy(acc).view(-1).copy_(w16)
                 np.multiply(acc, s, out=acc, casting="unsafe")
@@ -334,7 +333,7 @@ def _stream_weight(
         if not math.isfinite(total):
             check_folded(
                 pp.pair,
-                torch.frombuffer(raw, dtype=TORCH_DTYPES[pp.weight_dtype], count=n),
+                torch.frombuffer(raw, dtype=torch_dtype(pp.weight_dtype), count=n),
             )
         buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
 

@@ -6,7 +6,6 @@ torch is not imported, and the time does not grow with the file's size.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections import Counter
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv.errors import CheckpointError
+from qatconv.dtypes import DTYPES
+from qatconv.metadata import METADATA_KEY, parse_metadata
 from qatconv.st_checkpoint import OpenCheckpoint, is_index, open_checkpoint, resolve
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 TINY_VAR = 1e-8
 
-# struct codes of the float dtypes a BatchNorm vector may have (BF16 is widened by hand).
-_STRUCT = {"F16": "e", "F32": "f", "F64": "d"}
 Vector = list[float]
 
 
@@ -167,8 +165,8 @@ def _from_checkpoint(path: Path, ckpt: OpenCheckpoint) -> Inspection:
         params += info.numel
         nbytes += info.nbytes
         count += 1
-    meta = headers[0].metadata.get("qatconv") if headers else None
-    qat_meta = _parse_meta(path, meta)
+    meta = headers[0].metadata.get(METADATA_KEY) if headers else None
+    qat_meta = parse_metadata(meta, path, lenient=True)
     ins = Inspection(
         path,
         "safetensors" if len(headers) == 1 else "safetensors-sharded",
@@ -184,16 +182,6 @@ def _from_checkpoint(path: Path, ckpt: OpenCheckpoint) -> Inspection:
     return ins
 
 
-def _parse_meta(path: Path, raw: str | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{path}: the qatconv metadata is not valid JSON") from None
-    return meta if isinstance(meta, dict) else None
-
-
 def _read_vector(ckpt: OpenCheckpoint, name: str) -> Vector | None:
     info = ckpt.info(name)
     if info.nbytes > 64 * 2**20:  # BN vectors are small; skip anything else
@@ -203,7 +191,7 @@ def _read_vector(ckpt: OpenCheckpoint, name: str) -> Vector | None:
     if info.dtype == "BF16":  # the top 16 bits of a float32
         halves = struct.unpack(f"<{n}H", raw)
         return list(struct.unpack(f"<{n}f", struct.pack(f"<{n}I", *(h << 16 for h in halves))))
-    code = _STRUCT.get(info.dtype)
+    code = DTYPES[info.dtype].struct  # BF16 (widened above) and integers have none
     return None if code is None else list(struct.unpack(f"<{n}{code}", raw))
 
 

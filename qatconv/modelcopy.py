@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from qatconv.errors import BadInputError
+from qatconv.errors import BadInputError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,7 +49,7 @@ def copy_model(model: nn.Module, rebuild: Callable[[], nn.Module] | None = None)
         error = e
     if rebuild is None:
         raise BadInputError(
-            f"the model cannot be copied: {str(error).splitlines()[0]}",
+            f"the model cannot be copied: {first_line(error)}",
             hint="pass the model as --model SPEC so qatconv can build a second instance",
         ) from error
     fresh = rebuild()

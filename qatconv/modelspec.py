@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qatconv.errors import ModelSpecError, UsageError
+from qatconv.errors import ModelSpecError, UsageError, describe
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _import_file(spec: str, file: Path) -> types.ModuleType:
         if isinstance(e, KeyboardInterrupt):
             raise
         raise ModelSpecError(
-            f"model spec {spec!r}: importing {file} raised {_describe(e)}", hint=_import_hint(e)
+            f"model spec {spec!r}: importing {file} raised {describe(e)}", hint=_import_hint(e)
         ) from e
     return module
 
@@ -287,13 +287,13 @@ def _import_module(spec: str, target: str) -> types.ModuleType:
                 "path/to/file.py:NAME",
             ) from e
         raise ModelSpecError(
-            f"model spec {spec!r}: importing {target} raised {_describe(e)}", hint=_import_hint(e)
+            f"model spec {spec!r}: importing {target} raised {describe(e)}", hint=_import_hint(e)
         ) from e
     except KeyboardInterrupt:
         raise
     except BaseException as e:
         raise ModelSpecError(
-            f"model spec {spec!r}: importing {target} raised {_describe(e)}", hint=_DEBUG_HINT
+            f"model spec {spec!r}: importing {target} raised {describe(e)}", hint=_DEBUG_HINT
         ) from e
 
 
@@ -354,7 +354,7 @@ def _call(spec: str, factory: Callable[..., object], args: dict[str, object]) ->
         raise
     except BaseException as e:
         raise ModelSpecError(
-            f"model spec {spec!r}: building the model raised {_describe(e)}",
+            f"model spec {spec!r}: building the model raised {describe(e)}",
             hint="fix the model code or its --model-arg values (rerun with --debug for the "
             "traceback)",
         ) from e
@@ -383,12 +383,6 @@ def _candidates_hint(module: types.ModuleType) -> str:
     if names:
         return f"nn.Module classes defined there: {', '.join(names[:8])}"
     return "NAME must be an nn.Module class or a function returning one, defined in that module"
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _import_hint(e: BaseException) -> str:

@@ -88,7 +88,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qatconv.errors import DataError
+from qatconv.errors import DataError, describe
 
 __all__ = [
     "SKIP_CODES",
@@ -310,7 +310,7 @@ def find_pairs(
         try:
             gm = _trace(work)
         except Exception as exc:  # noqa: BLE001 - any tracing failure means: record or fallback
-            error = _first_line(exc)
+            error = describe(exc)
             recording = _record(work, inputs, error) if inputs is not None else None
             if recording is None:
                 log.info("torch.fx could not trace the model (%s); using nn.Sequential order",
@@ -338,11 +338,11 @@ def _record(work: nn.Module, inputs: tuple, error: str) -> Any:
             work(*inputs)
     except Exception as exc:
         raise DataError(
-            f"the sample input does not run through the model: {_first_line(exc)}",
+            f"the sample input does not run through the model: {describe(exc)}",
             hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
         ) from exc
     log.info("recording an eager run failed (%s) after torch.fx failed (%s)",
-             _first_line(recording_error), error)
+             describe(recording_error), error)
     return None
 
 
@@ -367,12 +367,6 @@ def _lazy_paths(model: nn.Module) -> frozenset[str]:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 @contextmanager
 def _working_model(model: nn.Module, *, full: bool) -> Iterator[nn.Module]:
     """Yield an eval-mode copy of `model` to trace and run.
@@ -389,7 +383,7 @@ def _working_model(model: nn.Module, *, full: bool) -> Iterator[nn.Module]:
     try:
         work = copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - un-copyable attribute: borrow the model itself
-        log.info("model cannot be copied (%s); analysing it in place", _first_line(exc))
+        log.info("model cannot be copied (%s); analysing it in place", describe(exc))
         work = None
     if work is not None:
         work.eval()
@@ -831,7 +825,7 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         raise DataError(
-            f"the sample input does not run through the model: {_first_line(exc)}",
+            f"the sample input does not run through the model: {describe(exc)}",
             hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
         ) from exc
 
@@ -1147,7 +1141,7 @@ def _hook_calls(
             work(*inputs)
     except Exception as exc:
         raise DataError(
-            f"the sample input does not run through the model: {_first_line(exc)}",
+            f"the sample input does not run through the model: {describe(exc)}",
             hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
         ) from exc
     finally:

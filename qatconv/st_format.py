@@ -27,24 +27,10 @@ from types import TracebackType
 from typing import final
 
 from qatconv.atomic import AtomicFile, copy_fd_chunk
-from qatconv.errors import CheckpointError
+from qatconv.dtypes import RANK, SIZES
+from qatconv.errors import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
-
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-
-# safetensors' Dtype enum order; `save_file` lays tensors out by descending dtype, then name, which
-# keeps every tensor aligned to its element size. `canonical_order` reproduces that layout.
-DTYPE_ORDER: tuple[str, ...] = (
-    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
-    "I32", "U32", "F32", "F64", "I64", "U64",
-)  # fmt: skip
-_DTYPE_RANK = {d: i for i, d in enumerate(DTYPE_ORDER)}
 
 # A header larger than this is not a checkpoint header (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -156,7 +142,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     except RecursionError:
         raise _bad(path, "header is not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limits
-        raise _bad(path, f"header is not valid JSON ({_first_line(e)})") from None
+        raise _bad(path, f"header is not valid JSON ({first_line(e, type(e).__name__)})") from None
     if not isinstance(obj, dict):
         raise _bad(path, "header is not a JSON object")
     metadata_raw = obj.pop("__metadata__", None) or {}
@@ -188,16 +174,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in SIZES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if (
         not isinstance(shape, list)
@@ -213,11 +194,11 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     ):
         raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
-    if info.numel * DTYPE_SIZES[dtype] != info.nbytes:
+    if info.numel * SIZES[dtype] != info.nbytes:
         raise _bad(
             path,
             f"tensor {name!r}: shape {list(shape)} of {dtype} needs "
-            f"{info.numel * DTYPE_SIZES[dtype]} bytes but its offsets span {info.nbytes}",
+            f"{info.numel * SIZES[dtype]} bytes but its offsets span {info.nbytes}",
         )
     return info
 
@@ -270,7 +251,7 @@ def read_index_full(path: Path) -> tuple[dict[str, object], dict[str, str]]:
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, digit limits, deep nesting
-        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        why = "nested too deeply" if isinstance(e, RecursionError) else first_line(e, type(e).__name__)
         raise CheckpointError(
             f"{path} is not valid JSON ({why})", hint="re-export the sharded checkpoint"
         ) from None
@@ -302,7 +283,7 @@ def canonical_order(
     """Sort ``(name, dtype, shape)`` entries the way ``safetensors.save_file`` lays them out."""
     return sorted(
         ((name, dtype, tuple(shape)) for name, dtype, shape in entries),
-        key=lambda e: (-_DTYPE_RANK.get(e[1], -1), e[0]),
+        key=lambda e: (-RANK.get(e[1], -1), e[0]),
     )
 
 
@@ -335,12 +316,12 @@ def build_header(
             raise ValueError(f"invalid tensor name {name!r}")
         if name in offsets:
             raise ValueError(f"tensor {name!r} is declared twice")
-        if dtype not in DTYPE_SIZES:
+        if dtype not in SIZES:
             raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
         dims = [int(d) for d in shape]
         if any(d < 0 for d in dims):
             raise ValueError(f"tensor {name!r}: negative dimension in {dims}")
-        end = pos + math.prod(dims) * DTYPE_SIZES[dtype]
+        end = pos + math.prod(dims) * SIZES[dtype]
         obj[name] = {"dtype": dtype, "shape": dims, "data_offsets": [pos, end]}
         offsets[name] = (pos, end)
         pos = end

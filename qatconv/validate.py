@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatconv import st_format
+from qatconv.dtypes import DTYPES, FLOAT_DTYPES, SIZES
 from qatconv.errors import CheckpointError
 from qatconv.st_checkpoint import open_checkpoint
 
@@ -43,7 +44,6 @@ _BROKEN_VAR_HINT = (
 )
 _META_HINT = "the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`"
 _BACKENDS = ("x86", "fbgemm", "qnnpack")
-_FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
 _BLOCK_BYTES = 16 << 20  # read this much at a time when scanning a tensor for NaN/inf
 
 
@@ -243,7 +243,7 @@ def check_qat_tensors(
         for name in sorted(ckpt.where, key=lambda n: (ckpt.where[n], n)):
             fd, header = ckpt.locate(name)
             info = header.tensors[name]
-            if (info.dtype not in _FLOAT_DTYPES or ".weight_fake_quant." in name
+            if (info.dtype not in FLOAT_DTYPES or ".weight_fake_quant." in name
                     or name in skip):
                 continue
             rows = info.shape[0] if info.shape else 1
@@ -267,7 +267,7 @@ def check_qat_tensors(
 def _as_float64(raw: bytes | memoryview, dtype: str) -> np.ndarray:
     import numpy as np
 
-    arr = np.frombuffer(raw, dtype=np.dtype(_FLOAT_DTYPES[dtype]))
+    arr = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype].numpy))
     if dtype == "BF16":
         return (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return arr.astype(np.float64)
@@ -282,7 +282,7 @@ def _scan_nonfinite(fd: int, header: st_format.Header, name: str) -> int:
         return 0
     rows = info.shape[0] if info.shape else 1
     row_elems = info.numel // rows
-    row_bytes = row_elems * st_format.DTYPE_SIZES[info.dtype]
+    row_bytes = row_elems * SIZES[info.dtype]
     block = max(1, _BLOCK_BYTES // row_bytes)
     buf = bytearray(min(rows, block) * row_bytes)  # reused for every block of this tensor
     bad = 0
@@ -297,7 +297,7 @@ def _scan_nonfinite(fd: int, header: st_format.Header, name: str) -> int:
             bits = np.frombuffer(view, dtype="<u2")
             nonfinite = (bits & 0x7F80) == 0x7F80
         else:
-            values = np.frombuffer(view, dtype=np.dtype(_FLOAT_DTYPES[info.dtype]))
+            values = np.frombuffer(view, dtype=np.dtype(DTYPES[info.dtype].numpy))
             if bool(np.isfinite(values).all()):  # the common case, one vectorised pass
                 continue
             nonfinite = ~np.isfinite(values)

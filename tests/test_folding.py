@@ -24,8 +24,8 @@ from torch.ao.quantization import (
 
 import qatconv.folding as fold_mod
 from qatconv import fold_stream, st_format
+from qatconv.dtypes import st_dtype
 from qatconv.errors import CheckpointError, OutputError, UsageError
-from qatconv.fold_plan import ST_DTYPES
 from qatconv.folding import FoldPair, fold_file, fold_state_dict, fold_weights
 
 QCONFIG = get_default_qat_qconfig("x86")
@@ -337,7 +337,7 @@ def test_output_is_deterministic_whatever_the_source_order(tmp_path: Path) -> No
         if i < 2:
             save_file(sd, src)
         else:
-            entries = [(k, ST_DTYPES[v.dtype], tuple(v.shape)) for k, v in sd.items()]
+            entries = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in sd.items()]
             with st_format.StreamWriter(src, entries, {}) as w:
                 for k, v in sd.items():
                     w.write(k, _bytes(v))
