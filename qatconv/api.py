@@ -1,7 +1,7 @@
 """The pipeline as plain functions returning small report types.
 
 `cli.py`, `demo.py` and a user's notebook all call these. Step modules (checkpoint, pairs, qat,
-fold, ...) are imported inside the functions so that importing this module stays torch-free.
+folding, ...) are imported inside the functions so that importing this module stays torch-free.
 """
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ class PrepareReport:
     metadata: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        """What `prepare --json` prints."""
+        return {
+            "output": str(self.output),
+            "warnings": self.warnings,
+            "pairs": self.pairs,
+            "skipped": self.skipped,
+            "metrics": self.metrics,
+            "seconds": self.seconds,
+            "notes": self.notes,
+            **({"distributed": dist} if (dist := self.metadata.get("distributed")) else {}),
+        }
+
 
 @dataclass
 class CheckResult:
@@ -103,6 +116,26 @@ class FoldResult:
     check: CheckResult | None
     seconds: float
     metadata: dict[str, Any]
+
+    @property
+    def unverified(self) -> list[str]:
+        """Pairs whose feature axis was not proven on data, sorted."""
+        return sorted(set(self.metadata.get("unverified", [])))
+
+    def to_json(self) -> dict[str, Any]:
+        """What `fold --json` prints."""
+        return {
+            "output": str(self.output),
+            "files": [str(f) for f in self.files],
+            "source_stage": self.source_stage,
+            "pairs": self.pairs,
+            "skipped": self.skipped,
+            "unverified": self.unverified,
+            "removed": self.removed,
+            "check": self.check.to_json() if self.check else None,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
 
 
 # ---------------------------------------------------------------------------- loading
@@ -440,7 +473,7 @@ def _qat_metadata(
     dtype: torch.dtype,
     metrics: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``qatconv`` metadata of a QAT checkpoint (see DESIGN.md, `prepare`)."""
+    """The ``qatconv`` metadata of a QAT checkpoint (what README.md says `prepare` records)."""
     import torch
 
     finetune = train.mode is Mode.finetune

@@ -252,17 +252,7 @@ def prepare(
                              on_note=out.note, replica=replica)
     for w in report.warnings:
         out.warn(w)
-    dist_info = report.metadata.get("distributed")
-    out.result({
-        "output": str(report.output),
-        "warnings": report.warnings,
-        "pairs": report.pairs,
-        "skipped": report.skipped,
-        "metrics": report.metrics,
-        "seconds": report.seconds,
-        "notes": report.notes,
-        **({"distributed": dist_info} if dist_info else {}),
-    })
+    out.result(report.to_json())
     if out.human:
         out.table(_pair_table(report.pairs, report.skipped))
         m = report.metrics
@@ -326,19 +316,7 @@ def _report_fold(out: Output, result: Any) -> None:
     if unverified and result.check is None:
         out.warn(f"{len(unverified)} pair(s) unverified: their feature axis was not proven; "
                  "rerun with --check DATA")
-    obj = {
-        "output": str(result.output),
-        "files": [str(f) for f in result.files],
-        "source_stage": result.source_stage,
-        "pairs": result.pairs,
-        "skipped": result.skipped,
-        "unverified": sorted(unverified),
-        "removed": result.removed,
-        "check": result.check.to_json() if result.check else None,
-        "seconds": result.seconds,
-        "notes": result.notes,
-    }
-    out.result(obj)
+    out.result(result.to_json())
     if out.human:
         out.table(_pair_table(result.pairs, result.skipped, unverified))
         for r in result.metadata.get("bn_before_linear", []):

@@ -4,7 +4,7 @@ Analysis only: `find_pairs` never changes the model it is given. It traces a cop
 writes tensor constants onto the traced root), runs shape propagation on a deep copy in eval
 mode without gradients, and returns a `PairScan`.
 
-Rules (DESIGN.md, "Pair rules"). A `Linear` L and a `BatchNorm1d` B pair when, in the graph
+Rules (README.md, "Find pairs"). A `Linear` L and a `BatchNorm1d` B pair when, in the graph
 traced in eval mode:
 
 * B's input is L's output, directly or through shape-only ops that keep the feature axis last
@@ -174,7 +174,7 @@ class Pair:
     via: tuple[str, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
-        """The shared pair record (TEAM.md) stored in checkpoint metadata."""
+        """The pair record stored in checkpoint metadata."""
         return {
             "linear": self.linear,
             "bn": self.bn,
