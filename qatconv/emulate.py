@@ -3,14 +3,17 @@
 Independent of torch's fake-quant ops: each quantized Linear is run from the written tensors
 and metadata alone, the way an int8 GEMM runs it:
 
-    xq  = clamp(rint(x / s_x) + z_x, qmin_x, qmax_x)            (ONNX QuantizeLinear, float32)
-    wq  = clamp(rint(W / s_w[c]), qmin_w, qmax_w)                (per output channel, symmetric)
+    xq  = clamp(rint(x * (1 / s_x)) + z_x, qmin_x, qmax_x)       (float32, per tensor)
+    wq  = clamp(rint(W * (1 / s_w[c])), qmin_w, qmax_w)          (per output channel, symmetric)
     acc = (xq - z_x) @ wq.T                                      (exact integer accumulation)
     y   = acc * (s_x * s_w[c]) + b                               (rescale and bias in float64)
 
-Rounding is half to even on the float32 quotient, as ONNX QuantizeLinear specifies (torch's
-fake quant multiplies by a float32 reciprocal instead; the two differ only within an ulp of a
-rounding tie). The rest of the model (everything but the quantized Linears) runs as the folded
+Quantization multiplies by the float32 reciprocal of the scale and rounds half to even, as
+fbgemm's `Quantize` and torch's fake quant do. This matters for weights: a symmetric per-channel
+scale is ``max|W| / 127.5`` for -128..127, so the extreme negative weight sits on the tie -127.5,
+which ``x * (1 / s)`` and ``x / s`` may round apart; with the reciprocal the integers equal the
+QAT model's fake-quantized weight exactly. (ONNX QuantizeLinear divides: on activations the two
+differ only when a value lands within an ulp of a tie.) The rest of the model (everything but the quantized Linears) runs as the folded
 torch model: `emulated` forward-hooks each quantized Linear to replace its output.
 
 Public API: `quantize`, `int_matmul`, `emulate_linear` (numpy arrays), `LinearQuant` (one
@@ -51,12 +54,13 @@ _EXACT_F64 = 2.0**53
 def quantize(
     x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, qmin: int, qmax: int
 ) -> np.ndarray:
-    """``clamp(rint(x / scale) + zero_point, qmin, qmax)`` as int64, the quotient in float32.
+    """``clamp(rint(x * (1 / scale)) + zero_point, qmin, qmax)`` as int64, in float32.
 
     ``scale`` / ``zero_point`` broadcast against ``x`` (a column ``(out, 1)`` for per-channel
-    weights). Round half to even, as ONNX QuantizeLinear.
+    weights). Round half to even, as torch's fake quant and fbgemm (see the module docstring).
     """
-    q = np.rint(np.divide(np.asarray(x, np.float32), np.asarray(scale, np.float32)))
+    inv = np.reciprocal(np.asarray(scale, np.float32))
+    q = np.rint(np.multiply(np.asarray(x, np.float32), inv))
     q = q.astype(np.float64) + np.asarray(zero_point, np.float64)
     return np.clip(q, qmin, qmax).astype(np.int64)
 

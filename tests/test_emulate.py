@@ -20,8 +20,9 @@ from qatconv.errors import CheckpointError
 
 
 def _py_quantize(x: float, scale: float, zp: int, qmin: int, qmax: int) -> int:
-    """One value, by hand: the float32 quotient, rounded half to even (Python's round)."""
-    q = round(float(np.float32(x) / np.float32(scale))) + zp
+    """One value, by hand: x times the float32 reciprocal, rounded half to even (Python's
+    round), as torch's fake quant computes it."""
+    q = round(float(np.float32(x) * (np.float32(1) / np.float32(scale)))) + zp
     return min(max(q, qmin), qmax)
 
 
@@ -131,6 +132,21 @@ def test_linear_quant_from_json_rejects_damaged_records() -> None:
     assert linear_quants({"a": good, "b": {**good, "input": None}}).keys() == {"a"}
     assert linear_quants({"a": good, "b": {**good, "input": None}}, w8a8_only=False).keys() == {
         "a", "b"}
+
+
+def test_weight_integers_equal_torch_fake_quant_at_the_negative_extreme_tie() -> None:
+    """max|W| / 127.5 puts the most negative weight on -127.5: the rounding must be torch's."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 1, (64, 33)).astype(np.float32)
+    w[:, 0] = -np.abs(w).max(1) - 0.1  # the extreme of every row is negative
+    scale = (np.abs(w).max(1) / np.float32(127.5)).astype(np.float32)
+    fq = torch.fake_quantize_per_channel_affine(
+        torch.from_numpy(w), torch.from_numpy(scale), torch.zeros(64, dtype=torch.int32), 0,
+        -128, 127)
+    wq = quantize(w, scale[:, None], 0, -128, 127)
+    torch_ints = np.rint(fq.numpy().astype(np.float64) / scale[:, None])  # exact: |q| <= 128
+    np.testing.assert_array_equal(wq, torch_ints)
+    assert (wq[:, 0] == -128).sum() > 0  # the ties were there
 
 
 def test_emulate_hooks_only_the_named_linears_and_removes_its_hooks() -> None:

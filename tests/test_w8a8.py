@@ -42,7 +42,8 @@ def _hand_qparams(lo: float, hi: float, qmin: int, qmax: int) -> tuple[np.float3
 
 
 def _hand_fake_quant(x: np.ndarray, scale: np.float32, zp: int, qmin: int, qmax: int) -> np.ndarray:
-    q = np.clip(np.rint(x.astype(np.float64) / np.float64(scale)) + zp, qmin, qmax)
+    inv = np.float32(1) / scale  # torch multiplies by the float32 reciprocal
+    q = np.clip(np.rint(x.astype(np.float32) * inv) + zp, qmin, qmax)
     return ((q - zp) * np.float64(scale)).astype(np.float32)
 
 
@@ -185,3 +186,53 @@ def test_backend_ranges_cannot_saturate_the_int16_pair_sum(backend: Backend) -> 
     assert 2 * worst <= 32767
     assert act.quant_min <= 0 <= act.quant_max or act.dtype == "quint8"
     assert QuantScheme.from_json(act.to_json()) == act
+
+
+# ------------------------------------------------------------- exclusion and sensitivity
+
+
+def test_exclude_globs_match_the_linear_path() -> None:
+    from qatconv.sensitivity import excluded_skips, split_excluded
+
+    recs = [{"linear": "blocks.0.fc", "bn": "blocks.0.bn"},
+            {"linear": "blocks.1.fc", "bn": "blocks.1.bn"}, {"linear": "head", "bn": "head_bn"}]
+    kept, out = split_excluded(recs, ["blocks.*.fc"])
+    assert [r["linear"] for r in kept] == ["head"]
+    assert [r["linear"] for r in out] == ["blocks.0.fc", "blocks.1.fc"]
+    assert {s["code"] for s in excluded_skips(out, ["blocks.*.fc"])} == {"excluded"}
+    assert split_excluded(recs, ["nothing"]) == (recs, [])
+
+
+def test_sqnr_is_the_power_ratio_in_db() -> None:
+    from qatconv.sensitivity import sqnr_db
+
+    ref = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    assert sqnr_db(ref, ref) == float("inf")
+    # signal 25, noise 0.25 -> 20 dB
+    assert sqnr_db(ref, ref + torch.tensor([[0.3, 0.4]], dtype=torch.float64)) == pytest.approx(
+        20.0, abs=1e-12)
+
+
+def test_weight_only_sensitivity_equals_a_hand_quantized_fold() -> None:
+    """Only fc1 quantized, by hand: fold BN1 into fc1, per-channel symmetric int8 weights."""
+    from qatconv.sensitivity import pair_sensitivity, sqnr_db
+
+    torch.manual_seed(0)
+    model = _TwoPairs().eval()
+    x = torch.randn(40, 6)
+    table = pair_sensitivity(model, PAIRS, X86, x, batch_size=16)
+    assert [t.linear for t in table] == ["fc1", "fc2"]
+    with torch.no_grad():
+        s = model.bn1.weight.double() / torch.sqrt(model.bn1.running_var.double() + model.bn1.eps)
+        w = model.fc1.weight.double() * s[:, None]
+        b = (model.fc1.bias.double() - model.bn1.running_mean.double()) * s + model.bn1.bias
+        scale = (w.abs().amax(1, keepdim=True) / 127.5).float()
+        # float32 times the reciprocal, as torch rounds: the extreme weight sits on a tie
+        wq = torch.clamp(torch.round(w.float() * (1 / scale)), -128, 127).double() * scale
+        hand = copy.deepcopy(model).double()
+        hand.fc1.weight.copy_(wq)
+        hand.fc1.bias.copy_(b)
+        hand.bn1 = nn.Identity()
+        want = sqnr_db(model(x).double(), hand(x.double()))
+    assert table[0].weight_only_db == pytest.approx(want, abs=0.05)
+    assert all(t.w8a8_db < t.weight_only_db for t in table)  # input rounding only adds noise

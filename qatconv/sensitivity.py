@@ -1,0 +1,122 @@
+"""Which pairs to keep out of quantization: `--exclude` matching and per-pair sensitivity.
+
+The sensitivity of a pair is the SQNR (dB) of the model output on the data when only that pair
+is quantized (calibrated as `prepare --mode calibrate` would), once weight-only and once W8A8,
+as AIMET's quant analyzer reports it: low SQNR = a pair worth excluding.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qatconv.config import Activations, QuantConfig
+
+# Samples the per-pair table runs on: the table ranks pairs, it needs no more.
+SENSITIVITY_SAMPLES = 1024
+
+
+def split_excluded(
+    records: Sequence[dict[str, Any]], patterns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split pair records into (kept, excluded) by `--exclude` globs on the Linear's path.
+
+    Returns:
+        The kept records, and the excluded ones (whole records: `fold` still folds their BN in
+        float from them).
+    """
+    kept, excluded = [], []
+    for r in records:
+        (excluded if any(fnmatch.fnmatchcase(r["linear"], p) for p in patterns) else kept).append(r)
+    return kept, excluded
+
+
+def excluded_skips(excluded: Sequence[dict[str, Any]], patterns: Sequence[str]) -> list[dict]:
+    """Skip entries (code ``excluded``) for the pairs `split_excluded` kept out."""
+    out = []
+    for r in excluded:
+        hit = next(p for p in patterns if fnmatch.fnmatchcase(r["linear"], p))
+        out.append({"linear": r["linear"], "bn": r["bn"], "code": "excluded",
+                    "reason": f"--exclude {hit}: kept in float (its BN is still folded)"})
+    return out
+
+
+@dataclass(frozen=True)
+class PairSensitivity:
+    """Model-output SQNR (dB) with only ``linear``'s pair quantized; inf = no error."""
+
+    linear: str
+    weight_only_db: float
+    w8a8_db: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"linear": self.linear, "sqnr_weight_only_db": _finite(self.weight_only_db),
+                "sqnr_w8a8_db": _finite(self.w8a8_db)}
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """``10 log10(sum(ref^2) / sum((ref - test)^2))`` in float64; inf when they are equal."""
+    ref, err = reference.double(), (test.double() - reference.double())
+    noise = float((err * err).sum())
+    signal = float((ref * ref).sum())
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def pair_sensitivity(
+    float_model: nn.Module,
+    records: Sequence[dict[str, Any]],
+    quant: QuantConfig,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int,
+) -> list[PairSensitivity]:
+    """Per pair, the output SQNR with only that pair quantized, weight-only and W8A8.
+
+    Runs on the first `SENSITIVITY_SAMPLES` samples; each variant is calibrated on them with
+    BN statistics kept (what `prepare --mode calibrate` does).
+    """
+    from qatconv import qat
+
+    x = inputs[:SENSITIVITY_SAMPLES]
+    float_model.eval()
+    reference = _outputs(float_model, x, batch_size)
+    w8a8 = QuantConfig(quant.backend, quant.weight_bits, Activations.int8).activation_scheme
+    table = []
+    for record in records:
+        sqnr = []
+        for scheme in (None, w8a8):
+            model = copy.deepcopy(float_model)
+            qat.swap_pairs_(model, [record], qat.make_qconfig(quant), scheme)
+            qat.calibrate_(model, x, batch_size=batch_size, recalibrate_bn=False)
+            sqnr.append(sqnr_db(reference, _outputs(model, x, batch_size)))
+        table.append(PairSensitivity(record["linear"], sqnr[0], sqnr[1]))
+    return table
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's outputs on ``x``, every output tensor flattened into one row per sample."""
+    with torch.no_grad():
+        return torch.cat([_flatten(model(x[i : i + batch_size]))
+                          for i in range(0, len(x), batch_size)])
+
+
+def _flatten(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.reshape(out.shape[0], -1) if out.dim() else out.reshape(1, 1)
+    if isinstance(out, dict):
+        out = [out[k] for k in sorted(out)]
+    return torch.cat([_flatten(o) for o in out], dim=1)
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no inf: an error-free pair reads null."""
+    return v if math.isfinite(v) else None
