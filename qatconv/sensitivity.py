@@ -7,7 +7,6 @@ as AIMET's quant analyzer reports it: low SQNR = a pair worth excluding.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from qatconv.config import Activations, QuantConfig
+from qatconv.modelcopy import copy_model
+from qatconv.outputs import flat_cat, forward_outputs
 
 # Samples the per-pair table runs on: the table ranks pairs, it needs no more.
 SENSITIVITY_SAMPLES = 1024
@@ -94,7 +95,7 @@ def pair_sensitivity(
     for record in records:
         sqnr = []
         for scheme in (None, w8a8):
-            model = copy.deepcopy(float_model)
+            model = copy_model(float_model)
             qat.swap_pairs_(model, [record], qat.make_qconfig(quant), scheme)
             qat.calibrate_(model, x, batch_size=batch_size, recalibrate_bn=False)
             sqnr.append(sqnr_db(reference, _outputs(model, x, batch_size)))
@@ -103,18 +104,9 @@ def pair_sensitivity(
 
 
 def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's outputs on ``x``, every output tensor flattened into one row per sample."""
+    """Every value of every output leaf on ``x``, in one 1-D tensor."""
     with torch.no_grad():
-        return torch.cat([_flatten(model(x[i : i + batch_size]))
-                          for i in range(0, len(x), batch_size)])
-
-
-def _flatten(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.reshape(out.shape[0], -1) if out.dim() else out.reshape(1, 1)
-    if isinstance(out, dict):
-        out = [out[k] for k in sorted(out)]
-    return torch.cat([_flatten(o) for o in out], dim=1)
+        return flat_cat(forward_outputs(model, x, batch_size))
 
 
 def _finite(v: float) -> float | None:
