@@ -10,15 +10,23 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatconv import __version__
-from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
+from qatconv.config import (
+    InputQParams,
+    Mode,
+    ModelConfig,
+    QuantConfig,
+    QuantScheme,
+    TrainConfig,
+)
 from qatconv.errors import (
     BadInputError,
     CheckFailedError,
+    CheckpointError,
     DataError,
     NoPairsError,
     UsageError,
@@ -31,7 +39,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from qatconv.distributed import Replica
+    from qatconv.emulate import IntegerCheck
     from qatconv.inspection import Inspection
+    from qatconv.outputs import Outputs
     from qatconv.pairs import PairScan
     from qatconv.qat import StepInfo
 
@@ -61,6 +71,8 @@ class PrepareReport:
     seconds: float
     metadata: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # Per pair: model-output SQNR with only that pair quantized (`PairSensitivity.to_json`).
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """What `prepare --json` prints."""
@@ -70,6 +82,7 @@ class PrepareReport:
             "pairs": self.pairs,
             "skipped": self.skipped,
             "metrics": self.metrics,
+            "sensitivity": self.sensitivity,
             "seconds": self.seconds,
             "notes": self.notes,
             **({"distributed": dist} if (dist := self.metadata.get("distributed")) else {}),
@@ -89,6 +102,8 @@ class CheckResult:
     # the same data (None when the float64 run was impossible): the scale of rounding noise.
     noise_floor: float | None = None
     failure: str | None = None  # which error exceeded which allowance, when not passed
+    # Static W8A8: the integer emulation against the QAT model with fake quant on.
+    integer: IntegerCheck | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +116,7 @@ class CheckResult:
             "samples": self.samples,
             "noise_floor": self.noise_floor,
             "failure": self.failure,
+            "integer": self.integer.to_json() if self.integer else None,
         }
 
 
@@ -272,6 +288,8 @@ def prepare(
     force: bool = False,
     allow_no_pairs: bool = False,
     strict: bool = False,
+    exclude: Sequence[str] = (),
+    sensitivity: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     replica: Replica | None = None,
@@ -283,11 +301,14 @@ def prepare(
         data: calibration / training data file.
         out: the QAT `.safetensors` to write.
         train: mode, steps, loss, freeze schedule, seed, device.
-        quant: backend and weight bits.
+        quant: backend, weight bits and activations (``int8``: static W8A8).
         target_column: CSV target column.
         force: replace an existing ``out``.
         allow_no_pairs: write ``out`` even when nothing can fold.
         strict: skip pairs whose feature axis cannot be proven.
+        exclude: globs on the Linear paths of pairs to keep out of quantization (not swapped;
+            `fold` folds their BN in float).
+        sensitivity: measure the per-pair SQNR table (two calibrations per pair).
         on_step: fine-tune progress callback.
         on_note: called with each sentence about what was done.
         replica: this rank of a distributed run (`qatconv.distributed.session`): the
@@ -300,6 +321,7 @@ def prepare(
 
     from qatconv import checkpoint, validate
     from qatconv import data as data_mod
+    from qatconv import sensitivity as sens
 
     train = train or TrainConfig()
     quant = quant or QuantConfig()
@@ -325,13 +347,17 @@ def prepare(
     scan = scan_pairs(model, _sample(inputs), strict=strict)
     _note_finder(scan, loaded, note)
     _require_pairs(scan, allow_no_pairs)
-    records = [p.to_record() for p in scan.pairs]
-    validate.check_model_state(model, records, model_cfg.weights or model_cfg.spec,
+    all_records = [p.to_record() for p in scan.pairs]
+    records, excluded = sens.split_excluded(all_records, exclude)
+    validate.check_model_state(model, all_records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
     qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
                                     on_step, warnings_, replica)  # fmt: skip
+    # After training, so the seeded run (and its file) does not depend on the table.
+    table = (sens.pair_sensitivity(model, all_records, quant, inputs,
+                                   batch_size=train.batch_size) if sensitivity else [])
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
-                         metrics)  # fmt: skip
+                         metrics, excluded, exclude)  # fmt: skip
     if replica is not None:
         meta["distributed"] = replica.to_json()
         replica.barrier()  # every rank trained without error: now rank 0 writes
@@ -349,6 +375,7 @@ def prepare(
         seconds=time.perf_counter() - started,
         metadata=meta,
         warnings=warnings_,
+        sensitivity=[t.to_json() for t in table],
     )
 
 
@@ -404,7 +431,7 @@ def _train_qat(
     torch.manual_seed(train.seed)
     float_model = model.to(device)
     qat_model = qat.deepcopy_model(float_model)
-    qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant))
+    qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant), quant.activation_scheme)
     qat_model.to(device)
     if replica is not None:
         replica.synchronize_statistics_([m for _, m in qat.qat_modules(qat_model)])
@@ -454,8 +481,12 @@ def _add_loss_metrics(metrics: dict[str, Any], result: Any, warnings_: list[str]
 def _qat_state(qat_model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The QAT state dict to save: back in the checkpoint's dtype (fake-quant state stays
     float32), on the CPU, contiguous."""
+
+    def fake_quant_state(k: str) -> bool:
+        return ".weight_fake_quant." in k or ".input_fake_quant." in k
+
     return {
-        k: (v.to(dtype) if v.is_floating_point() and ".weight_fake_quant." not in k else v)
+        k: (v.to(dtype) if v.is_floating_point() and not fake_quant_state(k) else v)
         .detach()
         .cpu()
         .contiguous()
@@ -472,18 +503,35 @@ def _qat_metadata(
     data_sha256: str,
     dtype: torch.dtype,
     metrics: dict[str, Any],
+    excluded: list[dict[str, Any]],
+    exclude: Sequence[str],
 ) -> dict[str, Any]:
-    """The ``qatconv`` metadata of a QAT checkpoint (what README.md says `prepare` records)."""
+    """The ``qatconv`` metadata of a QAT checkpoint (what README.md says `prepare` records).
+
+    Static W8A8 adds ``activations`` and ``weight_scheme`` (`QuantScheme.to_json`); pairs kept
+    out by ``--exclude`` are listed whole under ``excluded`` and as ``excluded`` skips. A
+    weight-only run without ``--exclude`` writes exactly the keys it always wrote.
+    """
     import torch
+
+    from qatconv import sensitivity as sens
 
     finetune = train.mode is Mode.finetune
     qmin, qmax = quant.quant_range
+    extra: dict[str, Any] = {}
+    scheme = quant.activation_scheme
+    if scheme is not None:
+        extra["activations"] = {**scheme.to_json(), "observer": _INPUT_OBSERVER}
+        extra["weight_scheme"] = quant.weight_scheme.to_json()
+    if excluded:
+        extra["excluded"] = excluded
     return {
+        **extra,
         "format_version": FORMAT_VERSION,
         "stage": "qat",
         "model": _model_meta(loaded),
         "pairs": records,
-        "skipped": _skipped_json(scan),
+        "skipped": _skipped_json(scan) + sens.excluded_skips(excluded, exclude),
         "pair_finder": scan.finder_json(),
         "backend": quant.backend.value,
         "weight_bits": quant.weight_bits,
@@ -508,6 +556,13 @@ def _qat_metadata(
     }
 
 
+# What the input observers record (static W8A8), in the metadata's words.
+_INPUT_OBSERVER = (
+    "exact min/max over the data (calibrate and the start of a fine-tune), then a moving "
+    "average of each batch's min/max (constant 0.01) until --freeze-observers-after"
+)
+
+
 # ---------------------------------------------------------------------------- fold
 
 
@@ -520,7 +575,10 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
     model = load_model(cfg).model.float()
     validate.check_pairs_fit_model(model, validate.qat_records(meta, cfg.spec), cfg.spec)
     quant = QuantConfig(Backend(meta.get("backend", "x86")), int(meta.get("weight_bits", 8)))
-    qat.swap_pairs_(model, meta["pairs"], qat.make_qconfig(quant))
+    # The recorded scheme, not today's table: the checkpoint's range is what it was trained with.
+    acts = meta.get("activations")
+    scheme = QuantScheme.from_json(acts) if acts is not None else None
+    qat.swap_pairs_(model, meta["pairs"], qat.make_qconfig(quant), scheme)
     return model
 
 
@@ -681,6 +739,15 @@ def _write_checked(
                     f"{check_result.failure}; nothing was written",
                     hint="run `qatconv inspect CKPT --model SPEC --data DATA` to see the pairs",
                 )
+            integer = check_result.integer
+            if integer is not None and not integer.passed:
+                raise CheckFailedError(
+                    f"the integer emulation of the folded W8A8 model differs from the QAT "
+                    f"model (fake quant on): max abs error {integer.max_abs_error:.3g} > "
+                    f"{integer.tolerance:g} x output range {integer.output_range:.3g}; "
+                    "nothing was written",
+                    hint="the --json check.integer object has the details; re-run prepare",
+                )
             files = [out.parent / f.name for f in report.files]
             for f in report.files:
                 os.replace(f, out.parent / f.name)
@@ -746,38 +813,95 @@ def _plan_qat_fold(
     skipped = list(meta.get("skipped") or [])
     if not records and not allow_no_pairs:
         raise NoPairsError(f"{qat_checkpoint} lists no pairs to fold")
+    act = QuantScheme.from_json(meta["activations"]) if meta.get("activations") else None
+    excluded = validate.qat_records({"pairs": meta.get("excluded") or []}, qat_checkpoint)
     qrange = (meta.get("quant_min"), meta.get("quant_max"))
     fpairs = [
         fold_mod.FoldPair.from_qat_record(
-            r, quant_range=qrange if None not in qrange else None  # type: ignore[arg-type]
+            r, quant_range=qrange if None not in qrange else None,  # type: ignore[arg-type]
+            w8a8=act is not None,
         )
         for r in records
-    ]
+    ] + [replace(fold_mod.FoldPair.from_float_record(r), excluded=True) for r in excluded]
     source, stage_from, model_meta = qat_checkpoint, "qat", meta.get("model") or {}
     extra = {k: meta.get(k) for k in ("backend", "weight_bits", "quant_min", "quant_max",
                                        "scheme")}
-    extra["qparams"] = _qparams_meta(qat_checkpoint, meta, records, emit_qparams)
-    return _FoldPlan(records, skipped, fpairs, source, stage_from, model_meta, extra)
+    extra["qparams"] = _qparams_meta(qat_checkpoint, meta, records, emit_qparams, act)
+    extra.update(_scheme_meta(meta, records, excluded, act))
+    # Excluded pairs are folded too (in float, no qparams): the folded file lists every pair.
+    return _FoldPlan(records + excluded, skipped, fpairs, source, stage_from, model_meta, extra)
+
+
+def _scheme_meta(
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+    excluded: list[dict[str, Any]],
+    act: QuantScheme | None,
+) -> dict[str, Any]:
+    """Folded-metadata keys of a static W8A8 / mixed-precision QAT checkpoint (none for a
+    weight-only one without exclusions: its folded metadata stays as it was)."""
+    from qatconv.config import compressed_tensors_config
+
+    extra: dict[str, Any] = {}
+    if excluded:
+        extra["excluded"] = [r["linear"] for r in excluded]
+    if act is None:
+        return extra
+    weight = QuantScheme.from_json(meta.get("weight_scheme"))
+    extra["activations"] = meta["activations"]
+    extra["weight_scheme"] = meta["weight_scheme"]
+    extra["quantization_config"] = compressed_tensors_config(
+        weight, act, [r["linear"] for r in records], [r["linear"] for r in excluded])
+    return extra
 
 
 def _qparams_meta(
-    qat_checkpoint: Path, meta: dict[str, Any], records: list[dict[str, Any]], emit: bool
+    qat_checkpoint: Path,
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+    emit: bool,
+    act: QuantScheme | None,
 ) -> dict[str, dict[str, Any]]:
     """Per pair: how its folded weight is quantized, with the trained per-channel scales
-    (exact float32 values; `--emit-qparams` also writes them as tensors)."""
-    scales = _qat_scales(qat_checkpoint, records)
-    return {
-        r["linear"]: {
+    (exact float32 values; `--emit-qparams` also writes them as tensors), and for static W8A8
+    its input's ``InputQParams`` under ``input``."""
+    wanted = [f"{r['qat']}.{fq}.{t}" for r in records
+              for fq in ("weight_fake_quant", "input_fake_quant") for t in ("scale", "zero_point")]
+    values = _qat_small_tensors(qat_checkpoint, wanted)
+    out = {}
+    for r in records:
+        q = r["qat"]
+        entry: dict[str, Any] = {
             "scheme": meta.get("scheme", "per_channel_symmetric"),
             "axis": 0,
             "weight_bits": meta.get("weight_bits"),
             "quant_min": meta.get("quant_min"),
             "quant_max": meta.get("quant_max"),
             "scale_tensor": f"{r['linear']}.weight_scale" if emit else None,
-            "scale": scales.get(r["linear"]),
+            "scale": values.get(f"{q}.weight_fake_quant.scale"),
         }
-        for r in records
-    }
+        if act is not None:
+            entry["input"] = _input_qparams(qat_checkpoint, r, values, act).to_json()
+        out[r["linear"]] = entry
+    return out
+
+
+def _input_qparams(
+    path: Path, record: dict[str, Any], values: dict[str, list[float | int]], act: QuantScheme
+) -> InputQParams:
+    q = record["qat"]
+    scale = values.get(f"{q}.input_fake_quant.scale")
+    zp = values.get(f"{q}.input_fake_quant.zero_point")
+    if not scale or not zp or len(scale) != 1 or len(zp) != 1:
+        raise CheckpointError(
+            f"{path}: pair {record['linear']!r} has no input fake-quant scale / zero point "
+            "(float32 / int32, one value each), yet the metadata says static W8A8",
+            hint="re-run `qatconv prepare`",
+        )
+    try:
+        return InputQParams(float(scale[0]), int(zp[0]), act.quant_min, act.quant_max, act.dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: pair {record['linear']!r}: {e}") from None
 
 
 def _plan_float_fold(
@@ -880,28 +1004,38 @@ def _remove_stale_shards(old: Sequence[Path], written: Sequence[Path]) -> None:
             shard.unlink(missing_ok=True)
 
 
-def _qat_scales(path: Path, records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """Each pair's per-channel weight scale from a QAT checkpoint, read without torch."""
+# The small fake-quant tensors `fold` copies into the metadata, by safetensors dtype.
+_SMALL_DTYPES = {"F32": "<f4", "I32": "<i4", "I64": "<i8"}
+
+
+def _qat_small_tensors(path: Path, names: Sequence[str]) -> dict[str, list[float | int]]:
+    """The values of small F32/I32/I64 tensors (fake-quant scales and zero points) of a QAT
+    checkpoint, read without torch; absent names (or other dtypes) are left out."""
     import numpy as np
 
     from qatconv.st_checkpoint import open_checkpoint
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float | int]] = {}
     with open_checkpoint(path) as ckpt:
-        for r in records:
-            name = f"{r['qat']}.weight_fake_quant.scale"
-            if name in ckpt.where and ckpt.info(name).dtype == "F32":
-                out[r["linear"]] = [float(v) for v in np.frombuffer(ckpt.read(name), dtype="<f4")]
+        for name in names:
+            if name in ckpt.where and ckpt.info(name).dtype in _SMALL_DTYPES:
+                dtype = _SMALL_DTYPES[ckpt.info(name).dtype]
+                out[name] = np.frombuffer(ckpt.read(name), dtype=dtype).tolist()
     return out
 
 
 def _check_tolerance(folded_path: Path) -> float:
     """The loosest default tolerance among the dtypes of the folded file's tensors."""
+    return _loosest_tolerance(folded_path, CHECK_TOLERANCE, 1e-4)
+
+
+def _loosest_tolerance(folded_path: Path, table: dict[str, float], default: float) -> float:
+    """The loosest of ``table``'s tolerances among the dtypes of the folded file's tensors."""
     from qatconv.st_checkpoint import open_checkpoint
 
     with open_checkpoint(folded_path) as ckpt:
         dtypes = {dtype for dtype, _ in ckpt.infos().values()}
-    return max((CHECK_TOLERANCE[d] for d in dtypes if d in CHECK_TOLERANCE), default=1e-4)
+    return max((table[d] for d in dtypes if d in table), default=default)
 
 
 # Default `fold --check` tolerances by the folded weights' dtype (atol = rtol): the folded
@@ -1055,7 +1189,12 @@ def verify(
     if scaled:
         atol = NOISE_FACTOR * noise  # type: ignore[operator]
     why = f" = {NOISE_FACTOR:g} x the noise floor" if scaled else ""
-    return _compare(ref, got, atol, rtol, ref_name, len(inputs), noise, why)
+    result = _compare(ref, got, atol, rtol, ref_name, len(inputs), noise, why)
+    if stage_from == "qat" and _is_w8a8(folded_path):
+        assert qat_checkpoint is not None
+        integer = verify_integer(folded_path, qat_checkpoint, spec_cfg, ds.inputs)
+        result = replace(result, integer=integer)
+    return result
 
 
 # The default atol is at least this many times the reference's own noise floor: the folded
@@ -1115,6 +1254,56 @@ def _compare(
                        failure)
 
 
+def _is_w8a8(folded_path: Path) -> bool:
+    from qatconv import checkpoint
+
+    qparams = checkpoint.read_metadata(folded_path).get("qparams") or {}
+    return any(isinstance(q, dict) and q.get("input") for q in qparams.values())
+
+
+def verify_integer(
+    folded_path: Path,
+    qat_checkpoint: Path,
+    model_cfg: ModelConfig | None,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> IntegerCheck:
+    """The folded W8A8 model run as integer arithmetic (`qatconv.emulate`, numpy) against the
+    QAT model in eval with fake quant on, both in float32 on the CPU.
+
+    Args:
+        folded_path: the folded checkpoint (its ``qparams`` metadata and tensors).
+        qat_checkpoint: the QAT checkpoint it was folded from.
+        model_cfg: the model spec (the folded model runs everything but the quantized Linears).
+        inputs: model inputs, first dimension = samples.
+    """
+    import torch
+
+    from qatconv import checkpoint, emulate, outputs
+
+    reference = load_qat(qat_checkpoint, model_cfg).float()
+    folded = load_folded(load_model(model_cfg or ModelConfig()).model, folded_path).float().eval()
+    quants = emulate.linear_quants(checkpoint.read_metadata(folded_path)["qparams"])
+    tensors = checkpoint.load_checkpoint(folded_path).tensors
+    x = inputs.float()
+    names = tuple(quants)
+    with (torch.no_grad(), emulate.captured_inputs(reference, names) as ref_in,
+          emulate.emulated(folded, tensors, quants),
+          emulate.captured_inputs(folded, names) as emu_in):
+        ref_out = outputs.forward_outputs(reference, x, batch_size)
+        emu_out = outputs.forward_outputs(folded, x, batch_size)
+    outputs.require_same_names(ref_out, emu_out, "the QAT model", "the integer emulation")
+    first = (ref_out.tensors[0].numpy(), emu_out.tensors[0].numpy()) if len(ref_out) else None
+    return emulate.compare(
+        outputs.flat_cat(ref_out, torch.float64).numpy(),
+        outputs.flat_cat(emu_out, torch.float64).numpy(),
+        tolerance=_loosest_tolerance(folded_path, emulate.INT_CHECK_TOLERANCE, 1e-3),
+        step_error=emulate.step_error(ref_in, emu_in, quants),
+        first=first, samples=len(x), linears=names,
+    )
+
+
 def load_qat(path: Path | str, model_cfg: ModelConfig | None = None) -> nn.Module:
     """The int8-simulated model of a QAT checkpoint: fake quant on, observers off, eval mode.
 
@@ -1136,6 +1325,30 @@ def load_qat(path: Path | str, model_cfg: ModelConfig | None = None) -> nn.Modul
     return model.eval()
 
 
+def emulate_folded(
+    path: Path | str, inputs: torch.Tensor, model_cfg: ModelConfig | None = None
+) -> Outputs:
+    """Run a folded static-W8A8 checkpoint as an int8 backend would: each quantized Linear in
+    integer arithmetic (`qatconv.emulate`, numpy), the rest as the folded model, float32.
+
+    Args:
+        path: the folded checkpoint (from a QAT checkpoint prepared with ``--activations int8``).
+        inputs: model inputs, first dimension = samples.
+        model_cfg: the model spec when the checkpoint's metadata does not name one.
+
+    Returns:
+        The flattened outputs (`qatconv.outputs.Outputs`; ``.tensors[0]`` for a tensor model).
+    """
+    from qatconv import checkpoint, emulate
+
+    path = Path(path)
+    meta = checkpoint.read_metadata(path)
+    model = load_folded(load_model(_model_cfg_from_meta(meta, model_cfg)).model, path)
+    tensors = checkpoint.load_checkpoint(path).tensors
+    return emulate.emulate(model.float().eval(), tensors, meta.get("qparams") or {},
+                           inputs.float())
+
+
 # ---------------------------------------------------------------------------- load_folded
 
 
@@ -1144,7 +1357,8 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
 
     Replaces each removed BatchNorm with `nn.Identity`, gives each Linear a bias where folding
     created one, then loads the tensors strictly. Emitted quant params
-    (``*.weight_scale`` / ``*.weight_zero_point``) are not model tensors and are skipped.
+    (``*.weight_scale`` / ``*.weight_zero_point`` / ``*.input_scale`` / ``*.input_zero_point``)
+    are not model tensors and are skipped.
 
     Args:
         model: an instance of the architecture the checkpoint was folded from.
@@ -1181,7 +1395,8 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
     tensors = checkpoint.load_checkpoint(path).tensors
     qparam_keys = {
         k for k in tensors
-        if k.endswith((".weight_scale", ".weight_zero_point"))
+        if k.endswith((".weight_scale", ".weight_zero_point", ".input_scale",
+                       ".input_zero_point"))
         and k.rsplit(".", 1)[0] in {r["linear"] for r in meta.get("pairs", [])}
     }
     tensors = {k: v for k, v in tensors.items() if k not in qparam_keys}
@@ -1269,6 +1484,7 @@ __all__ = [
     "CheckResult",
     "FoldResult",
     "PrepareReport",
+    "emulate_folded",
     "fold",
     "inspect_path",
     "load_folded",
@@ -1276,4 +1492,5 @@ __all__ = [
     "load_qat",
     "prepare",
     "verify",
+    "verify_integer",
 ]

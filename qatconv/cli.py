@@ -20,6 +20,7 @@ import typer
 from qatconv import __version__
 from qatconv._console import Output, error_json, error_line, result_written, stdout_to_stderr
 from qatconv.config import (
+    Activations,
     Backend,
     Device,
     Loss,
@@ -108,6 +109,19 @@ def _pair_table(pairs: list[dict[str, Any]], skipped: list[dict[str, Any]],
     for s in skipped:
         table.add_row(s.get("linear") or "-", s.get("bn") or "-", "",
                       f"skip: {s['code']} ({s['reason']})")
+    return table
+
+
+def _sensitivity_table(rows: list[dict[str, Any]], bits: int) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Sensitivity: model-output SQNR with only this pair quantized "
+                  "(low = a candidate for --exclude)", title_justify="left")
+    for col in ("linear", f"w{bits} only (dB)", f"w{bits}a8 (dB)"):
+        table.add_column(col, justify="left" if col == "linear" else "right")
+    for r in rows:
+        table.add_row(r["linear"], *(f"{v:.1f}" if v is not None else "exact"
+                                     for v in (r["sqnr_weight_only_db"], r["sqnr_w8a8_db"])))
     return table
 
 
@@ -211,10 +225,13 @@ def prepare(
     loss: Annotated[Loss, typer.Option(help="distill: match the float model's outputs (no labels needed); mse / cross-entropy use the data's targets.")] = Loss.distill,
     optimizer: Annotated[Optimizer, typer.Option(help="Fine-tune optimizer.")] = Optimizer.adam,
     freeze_bn_after: Annotated[int | None, typer.Option(help="Freeze BN running stats from this step on [default: steps/2].")] = None,
-    freeze_observers_after: Annotated[int | None, typer.Option(help="Freeze weight observers from this step on [default: 3*steps/4].")] = None,
+    freeze_observers_after: Annotated[int | None, typer.Option(help="Freeze weight and input observers from this step on [default: 3*steps/4].")] = None,
     recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="Re-estimate BN stats over the data (exact averages) before anything else.")] = False,
     backend: Annotated[Backend, typer.Option(help="Target backend; qnnpack uses a narrow symmetric range.")] = Backend.x86,
     weight_bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
+    activations: Annotated[Activations, typer.Option(help="int8: static W8A8, a per-tensor fake quant on each swapped Linear's input, ranged per backend (x86/fbgemm uint8 0..127, qnnpack int8); none: weight-only (dynamic or weight-only runtimes).")] = Activations.int8,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on a Linear's path (repeatable): keep matching pairs out of quantization; fold still folds their BN in float. The sensitivity table says which to pick.", show_default=False)] = None,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Measure each pair's SQNR with only that pair quantized (two calibrations per pair on up to 1024 samples).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and init; same inputs + seed = same file.")] = 0,
     device: Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")] = Device.cpu,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torch.distributed: gloo on CPU, nccl with one GPU each): each global --batch-size batch is split across them, BN statistics and activation ranges are those of the global batch, rank 0 writes. Several machines: torchrun ... -m qatconv prepare.")] = 1,
@@ -238,7 +255,7 @@ def prepare(
     out = Output(json_mode=json_ and main_rank, quiet=quiet or not main_rank)
     train = TrainConfig(mode, steps, batch_size, lr, loss, optimizer, freeze_bn_after,
                         freeze_observers_after, recalibrate_bn, seed, device)
-    quant = QuantConfig(backend, weight_bits)
+    quant = QuantConfig(backend, weight_bits, activations)
     cfg = _model_cfg(model, model_arg, weights, trust_pickle)
     total = steps if mode is Mode.finetune else 0
     with _interruptible(), distributed.session(device.value) as replica, \
@@ -248,15 +265,19 @@ def prepare(
 
         report = api.prepare(cfg, data, output, train=train, quant=quant,
                              target_column=target_column, force=force,
-                             allow_no_pairs=allow_no_pairs, strict=strict, on_step=on_step,
-                             on_note=out.note, replica=replica)
+                             allow_no_pairs=allow_no_pairs, strict=strict,
+                             exclude=tuple(exclude or ()), sensitivity=sensitivity,
+                             on_step=on_step, on_note=out.note, replica=replica)
     for w in report.warnings:
         out.warn(w)
     out.result(report.to_json())
     if out.human:
         out.table(_pair_table(report.pairs, report.skipped))
+        if report.sensitivity:
+            out.table(_sensitivity_table(report.sensitivity, weight_bits))
         m = report.metrics
-        line = f"int{weight_bits}-simulated vs float: relative MSE {m['relative_mse']:.3g}"
+        act = "a8" if activations is Activations.int8 else ""
+        line = f"w{weight_bits}{act}-simulated vs float: relative MSE {m['relative_mse']:.3g}"
         if "top1_agreement" in m:
             line += f", top-1 agreement {m['top1_agreement']:.2%}"
         out.note(line)
@@ -327,6 +348,13 @@ def _report_fold(out: Output, result: Any) -> None:
             out.note(f"check vs {c.reference} model{floor} on {c.samples} samples: max abs "
                      f"error {c.max_abs_error:.3g}, max rel error {c.max_rel_error:.3g} -> "
                      f"{'ok' if c.passed else 'FAILED'}")
+            if c.integer:
+                i = c.integer
+                top1 = f", top-1 agreement {i.top1_agreement:.2%}" if i.top1_agreement else ""
+                out.note(f"integer emulation vs QAT model (fake quant on): max abs error "
+                         f"{i.max_abs_error:.3g} ({i.max_abs_error / (i.output_range or 1):.2g} "
+                         f"of the output range), max {i.max_step_error:.3g} input steps{top1}"
+                         f" -> {'ok' if i.passed else 'FAILED'}")
         out.note(f"wrote {', '.join(str(f) for f in result.files)} ({result.seconds:.2f} s)")
 
 

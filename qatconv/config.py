@@ -254,3 +254,36 @@ class TrainConfig:
         if self.freeze_observers_after is None:
             return (3 * self.steps) // 4
         return self.freeze_observers_after
+
+
+def compressed_tensors_config(
+    weight: QuantScheme,
+    activations: QuantScheme | None,
+    targets: list[str],
+    ignore: list[str],
+) -> dict[str, object]:
+    """The scheme as a compressed-tensors ``quantization_config``, for tools of that ecosystem.
+
+    The folded weights stay float with their scales beside them (``format: dense``, status
+    ``frozen``: qparams final, weights not compressed). ``num_bits`` is the storage width (8);
+    the exact integer ranges (x86's 0..127 activations) are in ``qparams[linear]``.
+    """
+
+    def args(s: QuantScheme, strategy: str, bits: int) -> dict[str, object]:
+        return {"num_bits": bits, "type": "int", "symmetric": s.symmetric,
+                "strategy": strategy, "dynamic": False, "group_size": None,
+                "observer": "minmax", "actorder": None}
+
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "dense",
+        "quantization_status": "frozen",
+        "config_groups": {"group_0": {
+            "targets": targets,
+            "weights": args(weight, "channel", weight.bits),
+            "input_activations": args(activations, "tensor", 8) if activations else None,
+            "output_activations": None,
+        }},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }

@@ -2,7 +2,9 @@
 
 float checkpoint -> PTQ (calibrate) at 8 bits and low bit widths -> QAT (fine-tune) at 8 and 4
 bits and at the widest low bit width where PTQ loses >= 2 points -> fold the 8-bit QAT checkpoint
-with a check -> held-out accuracies of every stage.
+with a check -> held-out accuracies of every stage. Those rows are weight-only; the same widths
+again with static int8 activations (W8A8, W4A8, ...) follow, and the folded W8A8 model is run
+as integer arithmetic (`qatconv.emulate`) and checked against its QAT simulation.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qatconv import api
-from qatconv.config import Loss, Mode, ModelConfig, QuantConfig, TrainConfig
+from qatconv.config import Activations, Loss, Mode, ModelConfig, QuantConfig, TrainConfig
 from qatconv.errors import BadInputError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -38,6 +40,9 @@ class DemoResult:
     files: list[str] = field(default_factory=list)
     # The folded int8 model exported to ONNX and run in onnxruntime (None: no onnx extra).
     onnxruntime: dict[str, Any] | None = None
+    # Static int8 activations: ptq_accuracy / qat_accuracy by weight bits, emulated_accuracy
+    # (the folded W8A8 model in integer arithmetic) and integer_check (`IntegerCheck.to_json`).
+    a8: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +52,7 @@ class DemoResult:
             "folded_accuracy": self.folded_accuracy,
             "max_fold_error": self.max_fold_error,
             "low_bits": self.low_bits,
+            "a8": self.a8,
             "seconds": self.seconds,
             "files": self.files,
             "onnxruntime_accuracy": self.onnxruntime["accuracy"] if self.onnxruntime else None,
@@ -95,20 +101,22 @@ def run(
     float_acc = _accuracy(float_model, held.inputs, held.targets)
     seconds["float_eval"] = time.perf_counter() - t
 
-    def prepare(bits: int, mode: Mode) -> float:
-        out = output_dir / f"digits_{mode.value}_w{bits}.safetensors"
+    def prepare(bits: int, mode: Mode, acts: Activations = Activations.none) -> float:
+        tag = f"w{bits}a8" if acts is Activations.int8 else f"w{bits}"
+        out = output_dir / f"digits_{mode.value}_{tag}.safetensors"
         train_cfg = (
             TrainConfig(mode=Mode.calibrate)
             if mode is Mode.calibrate
             else TrainConfig(mode=Mode.finetune, **FINETUNE)  # type: ignore[arg-type]
         )
         steps = train_cfg.steps if mode is Mode.finetune else 0
-        ctx = progress(f"QAT w{bits}", steps) if (progress and steps) else None
+        ctx = progress(f"QAT {tag}", steps) if (progress and steps) else None
         advance = ctx.__enter__() if ctx else None
         try:
             api.prepare(
                 model_cfg, train if mode is Mode.finetune else calib, out, train=train_cfg,
-                quant=QuantConfig(weight_bits=bits), force=force,
+                quant=QuantConfig(weight_bits=bits, activations=acts), force=force,
+                sensitivity=False,
                 on_step=(lambda i: advance(i.step, info=f"loss {i.loss:.3g}")) if advance else None,
             )
         finally:
@@ -152,6 +160,15 @@ def run(
         seconds["onnx_export_check"] = time.perf_counter() - t
     else:
         note('onnxruntime row skipped: pip install "qatconv[onnx]" to export and run it')
+
+    t = time.perf_counter()
+    a8 = _a8_rows(prepare, sorted(qat, key=int, reverse=True))
+    seconds["a8_ptq_qat"] = time.perf_counter() - t
+    t = time.perf_counter()
+    a8.update(_w8a8_integer(output_dir, heldout, held, force, files))
+    seconds["w8a8_fold_emulate"] = time.perf_counter() - t
+    note("W8A8 held-out accuracy: QAT " + f"{a8['qat_accuracy']['8']:.2%}, integer emulation "
+         f"{a8['emulated_accuracy']:.2%}")
     return DemoResult(
         float_accuracy=float_acc,
         ptq_accuracy=ptq,
@@ -162,6 +179,7 @@ def run(
         seconds=seconds,
         files=files,
         onnxruntime=ort_row,
+        a8=a8,
     )
 
 
@@ -187,6 +205,29 @@ def _onnxruntime(folded: Path, out: Path, heldout: Path, force: bool) -> dict[st
     }
 
 
+def _a8_rows(prepare: Callable[..., float], widths: list[str]) -> dict[str, Any]:
+    """PTQ and QAT with static int8 activations at the weight widths the weight-only rows
+    fine-tuned."""
+    ptq = {b: prepare(int(b), Mode.calibrate, Activations.int8) for b in widths}
+    qat = {b: prepare(int(b), Mode.finetune, Activations.int8) for b in widths}
+    return {"ptq_accuracy": ptq, "qat_accuracy": qat}
+
+
+def _w8a8_integer(
+    output_dir: Path, heldout: Path, held: Any, force: bool, files: list[str]
+) -> dict[str, Any]:
+    """Fold the QAT W8A8 checkpoint with its check (float and integer), then the held-out
+    accuracy of the folded model run as integer arithmetic."""
+    folded = output_dir / "digits_folded_w8a8.safetensors"
+    result = api.fold(folded, qat_checkpoint=output_dir / "digits_finetune_w8a8.safetensors",
+                      check=heldout, force=force, emit_qparams=True)
+    files.append(str(folded))
+    assert result.check is not None and result.check.integer is not None
+    logits = api.emulate_folded(folded, held.inputs).tensors[0]
+    accuracy = float((logits.argmax(1) == held.targets).double().mean())
+    return {"emulated_accuracy": accuracy, "integer_check": result.check.integer.to_json()}
+
+
 def table(result: DemoResult) -> Any:
     from rich.table import Table
 
@@ -207,6 +248,15 @@ def table(result: DemoResult) -> Any:
         o = result.onnxruntime
         t.add_row(f"onnxruntime int8 ({o['mode']}: {', '.join(o['kernels'])})",
                   f"{o['accuracy']:.2%}", f"{(o['accuracy'] - result.float_accuracy) * 100:+.1f} pt")
+    for kind in ("ptq", "qat"):
+        for bits, acc in result.a8.get(f"{kind}_accuracy", {}).items():
+            t.add_row(f"{kind.upper()} w{bits}a8-simulated", f"{acc:.2%}",
+                      f"{(acc - result.float_accuracy) * 100:+.1f} pt")
+    if "emulated_accuracy" in result.a8:
+        acc, check = result.a8["emulated_accuracy"], result.a8["integer_check"]
+        t.add_row(f"folded w8a8, integer emulation (top-1 = QAT on "
+                  f"{check['top1_agreement']:.2%})", f"{acc:.2%}",
+                  f"{(acc - result.float_accuracy) * 100:+.1f} pt")
     t.caption = (
         f"max fold error {result.max_fold_error:.2e}; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

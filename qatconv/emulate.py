@@ -17,14 +17,15 @@ differ only when a value lands within an ulp of a tie.) The rest of the model (e
 torch model: `emulated` forward-hooks each quantized Linear to replace its output.
 
 Public API: `quantize`, `int_matmul`, `emulate_linear` (numpy arrays), `LinearQuant` (one
-Linear's scheme, from the folded metadata), `linear_quants`, `emulated` and `emulate` (a model).
+Linear's scheme, from the folded metadata), `linear_quants`, `emulated` and `emulate` (a model),
+`compare` -> `IntegerCheck` (what `fold --check` reports).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from qatconv.outputs import Outputs
+
 __all__ = [
+    "IntegerCheck",
     "LinearQuant",
+    "compare",
     "emulate",
     "emulate_linear",
     "emulated",
@@ -198,21 +203,25 @@ def emulate(
     inputs: torch.Tensor,
     *,
     batch_size: int = 1024,
-) -> torch.Tensor:
+) -> Outputs:
     """Outputs of the folded model with every W8A8 Linear run as integer arithmetic.
 
     Args:
         model: the folded model (`qatconv.load_folded`), in eval mode.
         tensors: the folded checkpoint's tensors (the quantized Linears' weight and bias).
         qparams: the folded checkpoint's ``qparams`` metadata.
-        inputs: model inputs, first dimension = samples (a tensor output is assumed).
+        inputs: model inputs, first dimension = samples.
+
+    Returns:
+        The flattened outputs (`qatconv.outputs.Outputs`; ``.tensors[0]`` for a tensor model).
     """
     import torch
 
+    from qatconv.outputs import forward_outputs
+
     quants = linear_quants(qparams)
     with torch.no_grad(), emulated(model, tensors, quants):
-        outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return torch.cat(outs)
+        return forward_outputs(model, inputs, batch_size)
 
 
 def _numpy(t: Any) -> np.ndarray | None:
@@ -221,3 +230,101 @@ def _numpy(t: Any) -> np.ndarray | None:
     if isinstance(t, np.ndarray):
         return t
     return t.detach().cpu().float().numpy()
+
+
+# ------------------------------------------------------------------------------ the check
+
+# `fold --check`'s integer tolerance: max abs error as a fraction of the reference output's
+# range, by the folded weights' dtype. 16-bit folded weights are rounded before quantization,
+# so some integers land one step away from the QAT model's.
+INT_CHECK_TOLERANCE = {"F64": 1e-3, "F32": 1e-3, "F16": 1e-2, "BF16": 5e-2}
+
+
+@dataclass(frozen=True)
+class IntegerCheck:
+    """The integer emulation of a folded W8A8 model against the QAT model (fake quant on).
+
+    ``max_step_error``: the largest difference at the input of a quantized Linear (where the
+    next layer quantizes), in that input's quantization steps; ``top1_agreement`` for
+    classifier outputs (N, classes), else None. Passes when ``max_abs_error <= tolerance *
+    output_range`` and every emulated output is finite.
+    """
+
+    max_abs_error: float
+    output_range: float
+    tolerance: float
+    max_step_error: float
+    top1_agreement: float | None
+    samples: int
+    linears: tuple[str, ...]
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "output_range": self.output_range,
+            "relative_error": self.max_abs_error / self.output_range if self.output_range else 0.0,
+            "tolerance": self.tolerance,
+            "max_step_error": self.max_step_error,
+            "top1_agreement": self.top1_agreement,
+            "samples": self.samples,
+            "linears": list(self.linears),
+            "passed": self.passed,
+        }
+
+
+def compare(
+    reference: np.ndarray,
+    emulated_out: np.ndarray,
+    *,
+    tolerance: float,
+    step_error: float,
+    first: tuple[np.ndarray, np.ndarray] | None,
+    samples: int,
+    linears: tuple[str, ...],
+) -> IntegerCheck:
+    """Judge the emulation: ``reference`` / ``emulated_out`` hold every output value (flat);
+    ``first`` is the first output leaf of each, for top-1 when it is (N, classes)."""
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(emulated_out, np.float64)
+    finite = bool(np.isfinite(got).all())
+    max_abs = float(np.abs(got - ref).max()) if ref.size else 0.0
+    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    top1 = None
+    if first is not None and first[0].ndim == 2 and first[0].shape[1] > 1:
+        top1 = float((first[0].argmax(1) == first[1].argmax(1)).mean())
+    passed = finite and max_abs <= tolerance * span
+    return IntegerCheck(max_abs, span, tolerance, step_error, top1, samples, linears, passed)
+
+
+@contextlib.contextmanager
+def captured_inputs(model: nn.Module, paths: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
+    """Within the block, the input of each module at ``paths`` is recorded per call."""
+    seen: dict[str, list[Any]] = {p: [] for p in paths}
+    handles = [
+        model.get_submodule(p).register_forward_pre_hook(
+            lambda _m, args, p=p: seen[p].append(args[0].detach().float().cpu()))
+        for p in paths
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def step_error(
+    reference: Mapping[str, Sequence[Any]],
+    emulated_in: Mapping[str, Sequence[Any]],
+    quants: Mapping[str, LinearQuant],
+) -> float:
+    """Largest ``|x_emulated - x_reference| / input scale`` over the quantized Linears' inputs."""
+    worst = 0.0
+    for name, q in quants.items():
+        if q.input is None:
+            continue
+        for a, b in zip(reference[name], emulated_in[name], strict=True):
+            diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64))
+            if diff.size:
+                worst = max(worst, float(np.abs(diff).max()) / float(np.float32(q.input.scale)))
+    return worst

@@ -32,7 +32,8 @@ class FoldPair:
     The folded weight and bias are written as ``<linear>.weight`` / ``<linear>.bias``; every
     tensor named by a ``*_key`` and every tensor under a ``drop_prefixes`` entry (module paths
     ending in ".") is removed. ``quant_min`` / ``quant_max`` (the weight fake-quant's integer
-    range, when known) only feed the reported quant params.
+    range, when known) only feed the reported quant params. ``input_scale_key`` /
+    ``input_zero_point_key`` (static W8A8) name the input fake quant's per-tensor qparams.
     """
 
     linear: str
@@ -48,6 +49,9 @@ class FoldPair:
     zero_point_key: str | None = None
     quant_min: int | None = None
     quant_max: int | None = None
+    input_scale_key: str | None = None
+    input_zero_point_key: str | None = None
+    excluded: bool = False  # kept out of quantization (`--exclude`): no quant params by design
 
     def __post_init__(self) -> None:
         for p in self.drop_prefixes:
@@ -55,6 +59,8 @@ class FoldPair:
                 raise ValueError(f"drop prefix {p!r} must be a module path ending in '.'")
         if (self.scale_key is None) != (self.zero_point_key is None):
             raise ValueError("scale_key and zero_point_key go together")
+        if (self.input_scale_key is None) != (self.input_zero_point_key is None):
+            raise ValueError("input_scale_key and input_zero_point_key go together")
 
     @property
     def out_weight(self) -> str:
@@ -67,17 +73,23 @@ class FoldPair:
     def source_keys(self) -> list[str]:
         """The tensors this pair reads, weight first."""
         keys = [self.weight_key, self.bias_key, self.mean_key, self.var_key, self.gamma_key,
-                self.beta_key, self.scale_key, self.zero_point_key]  # fmt: skip
+                self.beta_key, self.scale_key, self.zero_point_key, self.input_scale_key,
+                self.input_zero_point_key]  # fmt: skip
         return [k for k in keys if k is not None]
 
     @classmethod
     def from_qat_record(
-        cls, record: Mapping[str, Any], quant_range: tuple[int, int] | None = None
+        cls,
+        record: Mapping[str, Any],
+        quant_range: tuple[int, int] | None = None,
+        *,
+        w8a8: bool = False,
     ) -> FoldPair:
         """The pair of a QAT checkpoint: a ``LinearBn1d`` at ``record["qat"]``.
 
         ``quant_range`` (the weight fake-quant's ``(quant_min, quant_max)``, e.g. from the
         checkpoint's metadata) is used when the record has no ``quant_min`` / ``quant_max``.
+        ``w8a8``: the module also holds an ``input_fake_quant`` whose qparams are read.
 
         Raises:
             CheckpointError: the record lacks a field or has one of the wrong type.
@@ -98,11 +110,14 @@ class FoldPair:
             mean_key=f"{q}.bn.running_mean",
             var_key=f"{q}.bn.running_var",
             eps=float(record_field(record, "eps", (int, float))),
-            drop_prefixes=(f"{q}.bn.", f"{q}.weight_fake_quant.", f"{q}.activation_post_process."),
+            drop_prefixes=(f"{q}.bn.", f"{q}.weight_fake_quant.", f"{q}.activation_post_process.",
+                           f"{q}.input_fake_quant."),
             scale_key=f"{q}.weight_fake_quant.scale",
             zero_point_key=f"{q}.weight_fake_quant.zero_point",
             quant_min=qmin if isinstance(qmin, int) else None,
             quant_max=qmax if isinstance(qmax, int) else None,
+            input_scale_key=f"{q}.input_fake_quant.scale" if w8a8 else None,
+            input_zero_point_key=f"{q}.input_fake_quant.zero_point" if w8a8 else None,
         )
 
     @classmethod
@@ -202,7 +217,7 @@ def make_plan(
 
 
 def _check_qparams_exist(pairs: Sequence[FoldPair]) -> None:
-    no_q = [p.linear for p in pairs if p.scale_key is None]
+    no_q = [p.linear for p in pairs if p.scale_key is None and not p.excluded]
     if no_q:
         raise UsageError(
             f"--emit-qparams needs fake-quant state, and pair(s) {', '.join(no_q[:3])} "
@@ -304,6 +319,9 @@ def _plan_pair(
     qparams = None
     if p.scale_key is not None and p.zero_point_key is not None:
         qparams, extra = _qparams(p, infos, load, out, emit_qparams)
+    if qparams is not None and p.input_scale_key is not None:
+        qparams["input"], input_extra = _input_qparams(p, infos, load, emit_qparams)
+        extra.update(input_extra)
     return PairPlan(p, w_dtype, (out, w_shape[1]), s, folded_bias, extra, qparams)
 
 
@@ -405,6 +423,35 @@ def _qparams(
             extra[f"{p.linear}.weight_zero_point"] = zp.to(zp_dtype).reshape(-1, 1).expand(out, 1)
         extra = {k: v.contiguous() for k, v in extra.items()}
     return info, extra
+
+
+def _input_qparams(
+    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], emit: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The input fake quant's per-tensor scale and zero point; with ``emit``, the tensors
+    ``<linear>.input_scale`` ((1,) float32) and ``<linear>.input_zero_point`` ((1,) int32, only
+    when not zero)."""
+    assert p.input_scale_key is not None and p.input_zero_point_key is not None
+    (s_dtype, s_shape) = infos[p.input_scale_key]
+    (z_dtype, z_shape) = infos[p.input_zero_point_key]
+    if s_dtype != "F32" or z_dtype not in INT_DTYPES or s_shape != (1,) or z_shape != (1,):
+        raise CheckpointError(
+            f"pair {p.linear!r}: input fake-quant scale {s_dtype} {list(s_shape)} / zero_point "
+            f"{z_dtype} {list(z_shape)} are not one float32 and one integer value",
+            hint="the checkpoint was not written by `qatconv prepare --activations int8`",
+        )
+    scale, zp = load(p.input_scale_key).to(torch.float32), load(p.input_zero_point_key)
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise CheckpointError(
+            f"pair {p.linear!r}: input fake-quant scale is {float(scale)}",
+            hint="calibrate the QAT model (qatconv prepare) before folding",
+        )
+    extra: dict[str, torch.Tensor] = {}
+    if emit:
+        extra[f"{p.linear}.input_scale"] = scale.reshape(1).contiguous()
+        if int(zp) != 0:
+            extra[f"{p.linear}.input_zero_point"] = zp.to(torch.int32).reshape(1).contiguous()
+    return {"scale": float(scale), "zero_point": int(zp)}, extra
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qatconv.config import Activations, QuantConfig
+from qatconv.errors import UsageError
 from qatconv.modelcopy import copy_model
 from qatconv.outputs import flat_cat, forward_outputs
 
@@ -32,10 +33,28 @@ def split_excluded(
     Returns:
         The kept records, and the excluded ones (whole records: `fold` still folds their BN in
         float from them).
+
+    Raises:
+        UsageError: a glob matches no pair (a typo would silently quantize everything), or
+            every pair is excluded.
     """
     kept, excluded = [], []
     for r in records:
         (excluded if any(fnmatch.fnmatchcase(r["linear"], p) for p in patterns) else kept).append(r)
+    names = [r["linear"] for r in records]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise UsageError(
+                f"--exclude {p!r} matches no pair's Linear",
+                hint="the pairs' Linears are: " + (", ".join(names[:8]) or "none")
+                + (" ..." if len(names) > 8 else ""),
+            )
+    if records and not kept:
+        raise UsageError(
+            "--exclude keeps every pair out of quantization: there is nothing to prepare",
+            hint="exclude fewer pairs, or fold the float checkpoint: qatconv fold --model SPEC "
+            "--weights CKPT -o OUT",
+        )
     return kept, excluded
 
 
@@ -45,7 +64,7 @@ def excluded_skips(excluded: Sequence[dict[str, Any]], patterns: Sequence[str]) 
     for r in excluded:
         hit = next(p for p in patterns if fnmatch.fnmatchcase(r["linear"], p))
         out.append({"linear": r["linear"], "bn": r["bn"], "code": "excluded",
-                    "reason": f"--exclude {hit}: kept in float (its BN is still folded)"})
+                    "reason": f"matches --exclude {hit}: kept in float, its BN still folds"})
     return out
 
 
@@ -87,7 +106,8 @@ def pair_sensitivity(
     """
     from qatconv import qat
 
-    x = inputs[:SENSITIVITY_SAMPLES]
+    device = next((p.device for p in float_model.parameters()), inputs.device)
+    x = inputs[:SENSITIVITY_SAMPLES].to(device)
     float_model.eval()
     reference = _outputs(float_model, x, batch_size)
     w8a8 = QuantConfig(quant.backend, quant.weight_bits, Activations.int8).activation_scheme

@@ -244,7 +244,7 @@ def check_qat_tensors(
             fd, header = ckpt.locate(name)
             info = header.tensors[name]
             if (info.dtype not in FLOAT_DTYPES or ".weight_fake_quant." in name
-                    or name in skip):
+                    or ".input_fake_quant." in name or name in skip):
                 continue
             rows = info.shape[0] if info.shape else 1
             bad_rows = _scan_nonfinite(fd, header, name)

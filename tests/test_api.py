@@ -320,7 +320,7 @@ def _qat_as_float_model(qat_path: Path) -> tuple[nn.Module, dict[str, Any]]:
     q = load_file(qat_path)
     state: dict[str, torch.Tensor] = {}
     for k, v in q.items():
-        if ".weight_fake_quant." in f".{k}":
+        if ".weight_fake_quant." in f".{k}" or ".input_fake_quant." in f".{k}":
             continue
         for p in meta["pairs"]:
             if k.startswith(f"{p['qat']}.bn."):

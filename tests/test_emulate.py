@@ -161,7 +161,7 @@ def test_emulate_hooks_only_the_named_linears_and_removes_its_hooks() -> None:
     rec = {"scale": w_scale.tolist(), "quant_min": -128, "quant_max": 127,
            "input": SCHEMES["x86-u7"].to_json()}
     tensors = {k: v.clone() for k, v in model.state_dict().items()}
-    got = emulate(model, tensors, {"2": rec}, x)
+    got = emulate(model, tensors, {"2": rec}, x).tensors[0]
     want = emulate_linear(hidden, w, model[2].bias.detach().numpy(), LinearQuant.from_json("2", rec))
     np.testing.assert_allclose(got.numpy(), want.astype(np.float32), rtol=0, atol=0)
     with torch.no_grad():

@@ -200,7 +200,13 @@ def test_exclude_globs_match_the_linear_path() -> None:
     assert [r["linear"] for r in kept] == ["head"]
     assert [r["linear"] for r in out] == ["blocks.0.fc", "blocks.1.fc"]
     assert {s["code"] for s in excluded_skips(out, ["blocks.*.fc"])} == {"excluded"}
-    assert split_excluded(recs, ["nothing"]) == (recs, [])
+    from qatconv.errors import UsageError
+
+    with pytest.raises(UsageError, match="matches no pair"):
+        split_excluded(recs, ["blocks.*.fc", "typo"])
+    with pytest.raises(UsageError, match="every pair"):
+        split_excluded(recs, ["*"])
+    assert split_excluded(recs, []) == (recs, [])
 
 
 def test_sqnr_is_the_power_ratio_in_db() -> None:
