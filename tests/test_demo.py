@@ -81,7 +81,8 @@ def test_demo_files_exist_and_load(demo: dict[str, Any]) -> None:
         assert f.resolve().is_relative_to(demo["dir"].resolve())
         assert load_file(f)
     folded = [f for f in files if "fold" in f.name]
-    assert len(folded) == 1
+    assert [f.name for f in folded] == ["digits_folded_w8.safetensors",
+                                        "digits_folded_w8a8.safetensors"]
     model = api.load_folded(DigitsMLP(), folded[0])
     x, y = load_split("heldout")
     with torch.no_grad():
@@ -99,3 +100,23 @@ def test_demo_runs_the_int8_model_in_onnxruntime(demo: dict[str, Any]) -> None:
     # The int8 model onnxruntime runs classifies as the QAT simulation it was checked against.
     assert o["top1_agreement_vs_simulation"] >= 0.9975
     assert abs(obj["onnxruntime_accuracy"] - obj["qat_accuracy"]["8"]) <= 0.003
+
+
+def test_demo_w8a8_rows(demo: dict[str, Any]) -> None:
+    obj = demo["json"]
+    a8 = obj["a8"]
+    float_acc = _float_heldout_accuracy()
+    assert set(a8["ptq_accuracy"]) == set(a8["qat_accuracy"]) == set(obj["qat_accuracy"])
+    assert abs(a8["qat_accuracy"]["8"] - float_acc) <= 0.003
+    ptq4_loss = float_acc - a8["ptq_accuracy"]["4"]
+    assert a8["qat_accuracy"]["4"] - a8["ptq_accuracy"]["4"] >= 0.5 * ptq4_loss - 1e-12
+    check = a8["integer_check"]
+    assert check["passed"] and check["samples"] == 400
+    assert check["top1_agreement"] >= 0.9975
+    assert check["max_abs_error"] <= 1e-3 * check["output_range"]
+    # The emulated accuracy, recomputed from the folded W8A8 file alone.
+    folded = demo["dir"] / "digits_folded_w8a8.safetensors"
+    x, y = load_split("heldout")
+    logits = api.emulate_folded(folded, x).tensors[0]
+    assert float((logits.argmax(1) == y).double().mean()) == a8["emulated_accuracy"]
+    assert abs(a8["emulated_accuracy"] - a8["qat_accuracy"]["8"]) <= 0.0025
