@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from qatconv import api
-from qatconv.config import Loss, Mode, ModelConfig, TrainConfig
+from qatconv.config import Activations, Loss, Mode, ModelConfig, QuantConfig, TrainConfig
 from sample_models.digits_mlp import DigitsMLP, load_split
 
 SPEC = str(ROOT / "sample_models" / "digits_mlp.py:DigitsMLP")
@@ -102,8 +102,10 @@ def qatconv_prepare(steps: int, batch_size: int, lr: float, seed: int) -> float:
                 t0[0] = time.perf_counter()
             times.append(time.perf_counter())
 
+        # Weight-only, as the hand-written torch.ao loop it is compared with.
         api.prepare(ModelConfig(spec=SPEC, weights=WEIGHTS), TRAIN, Path(tmp) / "q.safetensors",
-                    train=cfg, on_step=on_step)
+                    train=cfg, quant=QuantConfig(activations=Activations.none),
+                    sensitivity=False, on_step=on_step)
     # From the end of step 1 to the end of the last: the loop's steady rate, as for the other.
     return (len(times) - 1) / (times[-1] - times[0])
 

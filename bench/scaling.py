@@ -76,7 +76,7 @@ def time_fold(spec: str, ckpt: Path, data: Path, n: int, out: Path) -> float:
 def time_prepare(spec: str, ckpt: Path, data: Path, n: int, out: Path) -> float:
     t = time.perf_counter()
     api.prepare(ModelConfig(spec=spec, args={"pairs": n}, weights=ckpt), data, out,
-                train=TrainConfig(), force=True)
+                train=TrainConfig(), force=True, sensitivity=False)
     return time.perf_counter() - t
 
 

@@ -289,7 +289,7 @@ def prepare(
     allow_no_pairs: bool = False,
     strict: bool = False,
     exclude: Sequence[str] = (),
-    sensitivity: bool = True,
+    sensitivity: bool | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     replica: Replica | None = None,
@@ -308,7 +308,8 @@ def prepare(
         strict: skip pairs whose feature axis cannot be proven.
         exclude: globs on the Linear paths of pairs to keep out of quantization (not swapped;
             `fold` folds their BN in float).
-        sensitivity: measure the per-pair SQNR table (two calibrations per pair).
+        sensitivity: measure the per-pair SQNR table (two calibrations per pair); None: only
+            when the model has at most `sensitivity.SENSITIVITY_AUTO_PAIRS` pairs.
         on_step: fine-tune progress callback.
         on_note: called with each sentence about what was done.
         replica: this rank of a distributed run (`qatconv.distributed.session`): the
@@ -354,8 +355,13 @@ def prepare(
     qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
                                     on_step, warnings_, replica)  # fmt: skip
     # After training, so the seeded run (and its file) does not depend on the table.
+    if sensitivity is None and len(all_records) > sens.SENSITIVITY_AUTO_PAIRS:
+        note(f"sensitivity table skipped for {len(all_records)} pairs (over "
+             f"{sens.SENSITIVITY_AUTO_PAIRS}: two calibrations each); --sensitivity measures it")
+    wanted = sensitivity if sensitivity is not None else (
+        len(all_records) <= sens.SENSITIVITY_AUTO_PAIRS)
     table = (sens.pair_sensitivity(model, all_records, quant, inputs,
-                                   batch_size=train.batch_size) if sensitivity else [])
+                                   batch_size=train.batch_size) if wanted else [])
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
                          metrics, excluded, exclude)  # fmt: skip
     if replica is not None:

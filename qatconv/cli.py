@@ -231,7 +231,7 @@ def prepare(
     weight_bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
     activations: Annotated[Activations, typer.Option(help="int8: static W8A8, a per-tensor fake quant on each swapped Linear's input, ranged per backend (x86/fbgemm uint8 0..127, qnnpack int8); none: weight-only (dynamic or weight-only runtimes).")] = Activations.int8,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on a Linear's path (repeatable): keep matching pairs out of quantization; fold still folds their BN in float. The sensitivity table says which to pick.", show_default=False)] = None,
-    sensitivity: Annotated[bool, typer.Option("--sensitivity/--no-sensitivity", help="Measure each pair's SQNR with only that pair quantized (two calibrations per pair on up to 1024 samples).")] = True,
+    sensitivity: Annotated[bool | None, typer.Option("--sensitivity/--no-sensitivity", help="Measure each pair's SQNR with only that pair quantized (two calibrations per pair on up to 1024 samples) [default: when there are at most 32 pairs].", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and init; same inputs + seed = same file.")] = 0,
     device: Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")] = Device.cpu,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torch.distributed: gloo on CPU, nccl with one GPU each): each global --batch-size batch is split across them, BN statistics and activation ranges are those of the global batch, rank 0 writes. Several machines: torchrun ... -m qatconv prepare.")] = 1,

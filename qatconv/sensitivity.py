@@ -23,6 +23,9 @@ from qatconv.outputs import flat_cat, forward_outputs
 
 # Samples the per-pair table runs on: the table ranks pairs, it needs no more.
 SENSITIVITY_SAMPLES = 1024
+# Pairs up to which `prepare` measures the table unasked: each pair costs two calibrations of
+# the whole model, so the cost grows with the square of the pair count.
+SENSITIVITY_AUTO_PAIRS = 32
 
 
 def split_excluded(
