@@ -249,3 +249,18 @@ def test_cli_exclude_typo_and_sensitivity_json(cli: Any, tmp_path: Path) -> None
     table = r.json()["sensitivity"]
     assert [t["linear"] for t in table] == ["fc1", "fc2"]
     assert all(t["sqnr_w8a8_db"] <= t["sqnr_weight_only_db"] for t in table)
+
+
+def test_sensitivity_is_measured_unasked_only_for_few_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qatconv import sensitivity
+
+    monkeypatch.setattr(sensitivity, "SENSITIVITY_AUTO_PAIRS", 1)  # digits has 2 pairs
+    notes: list[str] = []
+    report = _prepare(tmp_path / "a.safetensors", on_note=notes.append)
+    assert report.sensitivity == [] and any("--sensitivity" in n for n in notes)
+    forced = _prepare(tmp_path / "b.safetensors", sensitivity=True)
+    assert [t["linear"] for t in forced.sensitivity] == ["fc1", "fc2"]
+    # The table never changes the checkpoint.
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
