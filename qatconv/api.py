@@ -360,8 +360,8 @@ def prepare(
              f"{sens.SENSITIVITY_AUTO_PAIRS}: two calibrations each); --sensitivity measures it")
     wanted = sensitivity if sensitivity is not None else (
         len(all_records) <= sens.SENSITIVITY_AUTO_PAIRS)
-    table = (sens.pair_sensitivity(model, all_records, quant, inputs,
-                                   batch_size=train.batch_size) if wanted else [])
+    table = (sens.pair_sensitivity(model, all_records, quant, inputs,  # rank 0 reports it
+                                   batch_size=train.batch_size) if wanted and writer else [])
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
                          metrics, excluded, exclude)  # fmt: skip
     if replica is not None:
