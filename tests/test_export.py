@@ -347,3 +347,20 @@ def test_existing_output_needs_force_and_input_shape_is_inferred(tmp_path: Path,
     r = cli("export", folded, "-o", out)
     assert r.code == 3 and "--force" in r.err
     assert cli("export", folded, "-o", out, "--force", "--input-shape", "16").code == 0
+
+
+def test_levit_like_attention_model_runs_every_pair_in_int8(tmp_path: Path, cli: Any) -> None:
+    """A model with attention and token-wise LinearNorm pairs (tests/models/levit_like.py):
+    every quantized Linear runs an int8 kernel and onnxruntime matches the emulation."""
+    from tests.test_levit_like import SPEC, _files
+
+    _, weights, _, data = _files(tmp_path)
+    qat, folded = tmp_path / "qat.safetensors", tmp_path / "folded.safetensors"
+    assert cli("prepare", "-m", SPEC, "-w", weights, "--data", data, "-o", qat, "-q").code == 0
+    assert cli("fold", qat, "-o", folded, "-q").code == 0
+    check = _export(cli, folded, data, tmp_path / "m.onnx")["check"]
+    assert len(check["kernels"]) == 8 and not check["float_kernels"]
+    assert set(map(tuple, check["kernels"].values())) <= {
+        ("MatMulIntegerToFloat",), ("DynamicQuantizeMatMul",)}
+    emu = next(c for c in check["comparisons"] if c["reference"] == "emulation")
+    assert emu["max_abs_error"] <= 1e-5 * emu["output_range"]
