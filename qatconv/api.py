@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qatconv import __version__
+from qatconv import __version__, threads
 from qatconv.config import (
     InputQParams,
     Mode,
@@ -189,6 +189,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     else:
         tensors = {}
     model.eval()
+    threads.fit_to_model(model)
     return LoadedModel(model, notes, cfg.spec, args=dict(cfg.args), tensors=tensors)
 
 

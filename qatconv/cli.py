@@ -71,6 +71,28 @@ StrictPairsOpt = Annotated[
 AllowNoPairsOpt = Annotated[
     bool, typer.Option("--allow-no-pairs", help="Write the output even when no pair can fold.")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, show_default=False,
+                 help="Compute threads [default: 1 for models whose widest Linear has < 1M "
+                 "weights, else the CPUs this process may use (affinity, cgroup quota); "
+                 "OMP_NUM_THREADS is honoured]."),
+]
+
+
+def _manage_threads(threads: int | None) -> None:
+    """Fix or defer (per model) the compute threads before torch loads; see qatconv/threads.py."""
+    from qatconv import threads as threads_mod
+
+    threads_mod.manage(threads)
+
+
+def _note_threads(out: Output) -> None:
+    from qatconv import threads as threads_mod
+
+    choice = threads_mod.current()
+    if choice is not None:
+        out.note(choice.describe())
 
 
 def _version(value: bool) -> None:
@@ -240,11 +262,13 @@ def prepare(
     allow_no_pairs: AllowNoPairsOpt = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Swap each safe Linear+BatchNorm1d pair for LinearBn1d, calibrate or fine-tune, save."""
+    _manage_threads(threads)
     from qatconv import api, distributed
 
     if nproc != 1 and distributed.Launch.from_env() is None:
@@ -270,6 +294,7 @@ def prepare(
                              on_step=on_step, on_note=out.note, replica=replica)
     for w in report.warnings:
         out.warn(w)
+    _note_threads(out)
     out.result(report.to_json())
     if out.human:
         out.table(_pair_table(report.pairs, report.skipped))
@@ -309,11 +334,13 @@ def fold(
     allow_no_pairs: AllowNoPairsOpt = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fold BatchNorm into the Linears (LinearBn1d.to_float per pair) and write safetensors."""
+    _manage_threads(threads)  # they matter for --check (and a plain fold's shape check)
     from qatconv import api
 
     out = Output(json_mode=json_, quiet=quiet)
@@ -329,6 +356,7 @@ def fold(
             allow_no_pairs=allow_no_pairs, strict=strict, target_column=target_column,
             fold_bn_before_linear=fold_bn_before_linear, on_note=out.note,
         )
+    _note_threads(out)
     _report_fold(out, result)
 
 
@@ -436,16 +464,19 @@ def _report_export(out: Output, report: Any) -> None:
 def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the demo writes its files.")] = Path("qatconv-demo"),
     force: Annotated[bool, typer.Option("--force", help="Replace files from an earlier demo run.")] = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run prepare (fine-tune) -> fold -> check on the bundled digits MLP and show accuracies."""
+    _manage_threads(threads)
     from qatconv import demo as demo_mod
 
     out = Output(json_mode=json_, quiet=quiet)
     with _interruptible():
         result = demo_mod.run(output_dir, force=force, on_note=out.note, progress=out.progress)
+    _note_threads(out)
     out.result(result.to_json())
     if out.human:
         out.table(demo_mod.table(result))

@@ -36,6 +36,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from qatconv.errors import QatconvError, UsageError
+from qatconv.threads import usable_cpus  # affinity and cgroup CPU quota
 
 if TYPE_CHECKING:
     import torch
@@ -102,14 +103,6 @@ def timeout_s() -> float:
     if value <= 0:
         raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
     return value
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------ failures
