@@ -405,11 +405,13 @@ def export(
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="One sample's shape without the batch axis, e.g. 16,64 [default: from --check data, or the first Linear's inputs].", show_default=False)] = None,
     target_column: TargetColOpt = None,
     force: ForceOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write a folded checkpoint as an int8 ONNX model (QDQ) that onnxruntime runs in int8."""
+    _manage_threads(threads)  # torch and the onnxruntime check session both use them
     from qatconv import export as export_mod
 
     out = Output(json_mode=json_, quiet=quiet)
@@ -419,6 +421,7 @@ def export(
         report = export_mod.export(folded, output, model_cfg=cfg, opset=opset, check=check,
                                    allow_float_kernels=allow_float_kernels, input_shape=shape,
                                    target_column=target_column, force=force)
+    _note_threads(out)
     out.result(report.to_json())
     if out.human:
         _report_export(out, report)

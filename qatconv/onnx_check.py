@@ -210,11 +210,19 @@ def session(proto: onnx.ModelProto, optimized: Path | None = None,
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # the "optimized model is hardware specific" warning
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads or _managed_threads()
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(proto.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
+
+
+def _managed_threads() -> int:
+    """The count qatconv.threads chose for this command (0: onnxruntime's own default)."""
+    from qatconv import threads
+
+    choice = threads.current()
+    return choice.threads if choice is not None else 0
 
 
 def _run_ort(sess: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
