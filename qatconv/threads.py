@@ -108,11 +108,14 @@ def usable_cpus(proc_cgroup: Path = PROC, fs: Path = CGROUP_FS) -> int:
     return max(1, n)
 
 
-# A model whose widest Linear has fewer weights than this runs on one thread by default. Measured
-# with bench/threads.py (QAT fine-tune steps, 4 x Linear(W, W) + BN, batch 64 and 256, on the
-# 2-core development VM): below 1024 x 1024 two threads were slower than one even on a quiet
-# machine (1.1-1.3x the time at W <= 256, 0.9-2.3x at 512), and next to one busy core 11-37x
-# slower with OpenMP's default spin-waiting (1.0-1.1x with OMP_WAIT_POLICY=PASSIVE).
+# A model whose widest Linear has fewer weights than this runs on one thread by default.
+# bench/threads.py (QAT fine-tune steps of 4 x Linear(W, W) + BN, 2 threads vs 1, interleaved) on
+# the 2-core development VM, shared with other jobs (load average 5-8): with OpenMP's default
+# spin-waiting two threads took 1.1-1.2x the time of one at W <= 256 and 4-12x at W >= 512, and
+# 5-37x next to a core kept busy; with OMP_WAIT_POLICY=PASSIVE (set by `manage`) 1.1-1.3x at
+# W 128-512 and 0.9-1.2x at W 1024-2048, 0.4-1.1x next to the busy core. Small layers never paid
+# for a second thread there, so threads are kept for layers of >= 1M weights, where each
+# thread's share of a matmul is large enough to pay for waking it.
 SMALL_LAYER_WEIGHTS = 1024 * 1024
 
 
