@@ -359,14 +359,38 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: 
             and their counts), or any other refusal of ``load_state_dict``.
     """
     expected = model.state_dict()
-    missing = sorted(
-        k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")
+    check_keys_fit(
+        {k: tuple(t.shape) for k, t in expected.items()},
+        {k: tuple(t.shape) for k, t in tensors.items()},
+        source,
     )
-    unexpected = sorted(k for k in tensors if k not in expected)
+    try:
+        errors = _load_per_module(model, tensors)
+    except (RuntimeError, ValueError, TypeError) as e:
+        errors = [_first_line(e)]
+    if errors:
+        raise CheckpointError(
+            f"{source} does not fit the model: {_first_line(errors[0])}",
+            hint="check --model and --model-arg, or whether this is the right checkpoint",
+        )
+
+
+def check_keys_fit(
+    expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], source: str
+) -> None:
+    """The checkpoint's tensor names and shapes (``got``) against the model's (``expected``).
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped keys, as `load_into` reports them.
+    """
+    missing = sorted(
+        k for k in expected if k not in got and not k.endswith("num_batches_tracked")
+    )
+    unexpected = sorted(k for k in got if k not in expected)
     misshaped = sorted(
-        f"{k} (checkpoint {list(tensors[k].shape)}, model {list(expected[k].shape)})"
-        for k in tensors
-        if k in expected and tuple(tensors[k].shape) != tuple(expected[k].shape)
+        f"{k} (checkpoint {list(got[k])}, model {list(expected[k])})"
+        for k in got
+        if k in expected and tuple(got[k]) != tuple(expected[k])
     )
     problems = [
         _listing(what, keys)
@@ -382,15 +406,6 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: 
             f"{source} does not fit the model: {'; '.join(problems)}",
             hint="check --model and --model-arg (the model must be the one the checkpoint was "
             "saved from), or whether this is the right checkpoint",
-        )
-    try:
-        errors = _load_per_module(model, tensors)
-    except (RuntimeError, ValueError, TypeError) as e:
-        errors = [_first_line(e)]
-    if errors:
-        raise CheckpointError(
-            f"{source} does not fit the model: {_first_line(errors[0])}",
-            hint="check --model and --model-arg, or whether this is the right checkpoint",
         )
 
 

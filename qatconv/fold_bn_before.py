@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qatconv.errors import CheckpointError
 from qatconv.fold_math import fold_bn_into_linear_input
 from qatconv.fold_plan import record_field
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,14 @@ and the input-side fold (BN -> Linear, `fold_bn_into_linear_input`).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from qatconv.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["bn_scale", "fold_bias", "fold_bn_into_linear_input", "fold_weights"]
 
@@ -39,31 +43,41 @@ def fold_weights(
     Raises:
         CheckpointError: shapes that do not fit a (out, in) weight and (out,) statistics.
     """
+    import torch
+
     out = _check_fold_shapes(w, b, mean, var, gamma, beta)
-    s = bn_scale(var, eps, gamma)
-    w_out = (w.to(torch.float64) * s.unsqueeze(-1)).to(w.dtype)
-    b_out = fold_bias(b, mean, s, beta, b.dtype if b is not None else w.dtype, out)
+    s = bn_scale(_f64(var), eps, _f64(gamma))
+    w_out = (w.to(torch.float64) * torch.from_numpy(s).unsqueeze(-1)).to(w.dtype)
+    b64 = fold_bias(_f64(b), _f64(mean), s, _f64(beta), out)
+    b_out = torch.from_numpy(b64).to(b.dtype if b is not None else w.dtype)
     return w_out, b_out
 
 
-def bn_scale(var: torch.Tensor, eps: float, gamma: torch.Tensor | None) -> torch.Tensor:
-    s = torch.rsqrt(var.to(torch.float64) + eps)
-    return s if gamma is None else gamma.to(torch.float64) * s
+def _f64(t: torch.Tensor | None) -> np.ndarray | None:
+    import torch
+
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+
+
+def bn_scale(var: np.ndarray, eps: float, gamma: np.ndarray | None) -> np.ndarray:
+    """``gamma * rsqrt(running_var + eps)`` in float64 (as torch's rsqrt: 1 / sqrt, each exact)."""
+    s = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    return s if gamma is None else np.asarray(gamma, dtype=np.float64) * s
 
 
 def fold_bias(
-    b: torch.Tensor | None,
-    mean: torch.Tensor,
-    s: torch.Tensor,
-    beta: torch.Tensor | None,
-    dtype: torch.dtype,
+    b: np.ndarray | None,
+    mean: np.ndarray,
+    s: np.ndarray,
+    beta: np.ndarray | None,
     out: int,
-) -> torch.Tensor:
-    b64 = torch.zeros(out, dtype=torch.float64) if b is None else b.to(torch.float64)
+) -> np.ndarray:
+    """``(b - running_mean) * s + beta`` in float64 (``b`` / ``beta`` None: zeros)."""
+    b64 = np.zeros(out) if b is None else np.asarray(b, dtype=np.float64)
     # Adding beta = 0 when affine=False is not a no-op: it turns -0.0 into 0.0, as torch does
     # with the zeros a LinearBn1d stores, so both record kinds give the same bytes.
-    beta64 = torch.zeros(out, dtype=torch.float64) if beta is None else beta.to(torch.float64)
-    return ((b64 - mean.to(torch.float64)) * s + beta64).to(dtype)
+    beta64 = np.zeros(out) if beta is None else np.asarray(beta, dtype=np.float64)
+    return (b64 - np.asarray(mean, dtype=np.float64)) * s + beta64
 
 
 def _check_fold_shapes(
@@ -116,6 +130,8 @@ def fold_bn_into_linear_input(
     out, n_in = _check_input_fold_shapes(w, b, mean, var, gamma, beta)
     if not math.isfinite(eps):
         raise CheckpointError(f"BatchNorm eps is {eps}")
+    import torch
+
     var64 = var.to(torch.float64)
     bad = int((var64 + eps <= 0).sum())
     if bad:
@@ -123,7 +139,7 @@ def fold_bn_into_linear_input(
             f"running_var + eps <= 0 in {bad} of {n_in} BatchNorm channels",
             hint="a variance must be positive: the BN statistics are corrupt",
         )
-    s = bn_scale(var, eps, gamma)
+    s = torch.from_numpy(bn_scale(_f64(var), eps, _f64(gamma)))
     w64 = w.to(torch.float64)
     beta64 = torch.zeros(n_in, dtype=torch.float64) if beta is None else beta.to(torch.float64)
     shift = beta64 - mean.to(torch.float64) * s

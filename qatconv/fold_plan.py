@@ -12,17 +12,23 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from qatconv import st_arrays
 from qatconv.dtypes import FLOAT_DTYPES, INT_DTYPES, has_st_dtype, st_dtype, torch_dtype
 from qatconv.errors import CheckpointError, UsageError
 from qatconv.fold_math import bn_scale, fold_bias
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["FoldPair", "FoldReport", "fold_state_dict", "make_plan"]
 
 TensorInfos = Mapping[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
+# Reads one (small) tensor by name as its storage array (`st_arrays`: BF16 as uint16 bits).
+Loader = Callable[[str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -173,9 +179,10 @@ class PairPlan:
     pair: FoldPair
     weight_dtype: str
     shape: tuple[int, int]
-    scale: torch.Tensor  # float64 (out,)
-    bias: torch.Tensor  # folded, in the output bias dtype
-    extra: dict[str, torch.Tensor]  # qparam tensors to emit, by output name
+    scale: np.ndarray  # float64 (out,)
+    bias_dtype: str
+    bias: np.ndarray  # folded, as the output dtype's storage (`st_arrays`)
+    extra: dict[str, tuple[str, np.ndarray]]  # qparam tensors to emit: name -> (dtype, storage)
     qparams: dict[str, Any] | None
 
 
@@ -186,7 +193,7 @@ class OutTensor:
     shape: tuple[int, ...]
     source: str | None = None  # pass-through: the source tensor's name
     pair: PairPlan | None = None  # folded weight of this pair
-    tensor: torch.Tensor | None = None  # small tensor computed up front
+    data: np.ndarray | None = None  # small tensor computed up front (storage array)
 
 
 @dataclass
@@ -198,7 +205,7 @@ class Plan:
 
 def make_plan(
     infos: TensorInfos,
-    load: Callable[[str], torch.Tensor],
+    load: Loader,
     pairs: Sequence[FoldPair],
     emit_qparams: bool,
     where: str,
@@ -274,11 +281,9 @@ def _outputs(
         if pp is not None:
             p = pp.pair
             outputs.append(OutTensor(p.out_weight, pp.weight_dtype, pp.shape, pair=pp))
-            outputs.append(
-                OutTensor(p.out_bias, st_dtype(pp.bias.dtype), (pp.shape[0],), tensor=pp.bias)
-            )
-            for qname, t in pp.extra.items():
-                outputs.append(OutTensor(qname, st_dtype(t.dtype), tuple(t.shape), tensor=t))
+            outputs.append(OutTensor(p.out_bias, pp.bias_dtype, (pp.shape[0],), data=pp.bias))
+            for qname, (dtype, arr) in pp.extra.items():
+                outputs.append(OutTensor(qname, dtype, tuple(arr.shape), data=arr))
         elif not dropped(name):
             outputs.append(OutTensor(name, dtype, shape, source=name))
     return outputs
@@ -297,9 +302,7 @@ def _unique_outputs(outputs: Sequence[OutTensor], where: str) -> dict[str, OutTe
     return seen
 
 
-def _plan_pair(
-    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], emit_qparams: bool
-) -> PairPlan:
+def _plan_pair(p: FoldPair, infos: TensorInfos, load: Loader, emit_qparams: bool) -> PairPlan:
     w_dtype, w_shape = _check_weight(p, infos)
     out = w_shape[0]
     vecs = _load_vectors(p, infos, load, out)
@@ -308,21 +311,22 @@ def _plan_pair(
     assert mean is not None and var is not None  # keys are mandatory
     bias, gamma, beta = vecs["bias"], vecs["BN weight"], vecs["BN bias"]
     s = bn_scale(var, p.eps, gamma)
-    bias_dtype = bias.dtype if bias is not None else torch_dtype(w_dtype)
-    folded_bias = fold_bias(bias, mean, s, beta, bias_dtype, out)
-    if not bool(torch.isfinite(s).all()) or not bool(torch.isfinite(folded_bias).all()):
+    bias_dtype = infos[p.bias_key][0] if p.bias_key is not None else w_dtype
+    with np.errstate(over="ignore", invalid="ignore"):
+        folded_bias = st_arrays.from_float(fold_bias(bias, mean, s, beta, out), bias_dtype)
+    if not bool(np.isfinite(s).all()) or bool(st_arrays.nonfinite(folded_bias, bias_dtype).any()):
         raise CheckpointError(
-            f"pair {p.linear!r}: the folded bias overflows {st_dtype(bias_dtype)} "
-            f"(gamma / sqrt(running_var + eps) reaches {float(s.abs().max()):.3g})"
+            f"pair {p.linear!r}: the folded bias overflows {bias_dtype} "
+            f"(gamma / sqrt(running_var + eps) reaches {float(np.abs(s).max()):.3g})"
         )
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, tuple[str, np.ndarray]] = {}
     qparams = None
     if p.scale_key is not None and p.zero_point_key is not None:
         qparams, extra = _qparams(p, infos, load, out, emit_qparams)
     if qparams is not None and p.input_scale_key is not None:
         qparams["input"], input_extra = _input_qparams(p, infos, load, emit_qparams)
         extra.update(input_extra)
-    return PairPlan(p, w_dtype, (out, w_shape[1]), s, folded_bias, extra, qparams)
+    return PairPlan(p, w_dtype, (out, w_shape[1]), s, bias_dtype, folded_bias, extra, qparams)
 
 
 def _check_weight(p: FoldPair, infos: TensorInfos) -> tuple[str, tuple[int, ...]]:
@@ -340,10 +344,10 @@ def _check_weight(p: FoldPair, infos: TensorInfos) -> tuple[str, tuple[int, ...]
 
 
 def _load_vectors(
-    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], out: int
-) -> dict[str, torch.Tensor | None]:
-    """The pair's per-channel vectors by role (None: absent), each a float (out,) vector."""
-    vecs: dict[str, torch.Tensor | None] = {}
+    p: FoldPair, infos: TensorInfos, load: Loader, out: int
+) -> dict[str, np.ndarray | None]:
+    """The pair's per-channel vectors by role (None: absent), each a float64 (out,) vector."""
+    vecs: dict[str, np.ndarray | None] = {}
     for what, key in (("bias", p.bias_key), ("running_mean", p.mean_key),
                       ("running_var", p.var_key), ("BN weight", p.gamma_key),
                       ("BN bias", p.beta_key)):  # fmt: skip
@@ -356,16 +360,16 @@ def _load_vectors(
                 f"pair {p.linear!r}: {what} {key!r} is {dtype} {list(shape)}; expected a float "
                 f"vector of the weight's {out} output channels"
             )
-        vecs[what] = load(key)
+        vecs[what] = st_arrays.to_float(load(key), dtype)
     return vecs
 
 
-def _check_statistics(p: FoldPair, vecs: Mapping[str, torch.Tensor | None], out: int) -> None:
+def _check_statistics(p: FoldPair, vecs: Mapping[str, np.ndarray | None], out: int) -> None:
     if not math.isfinite(p.eps):
         raise CheckpointError(f"pair {p.linear!r}: eps is {p.eps}")
     for what, t in vecs.items():
         if t is not None:
-            bad = int((~torch.isfinite(t)).sum())
+            bad = int((~np.isfinite(t)).sum())
             if bad:
                 raise CheckpointError(
                     f"pair {p.linear!r}: {what} has non-finite values in {bad} of {out} channels",
@@ -374,7 +378,7 @@ def _check_statistics(p: FoldPair, vecs: Mapping[str, torch.Tensor | None], out:
                 )
     var = vecs["running_var"]
     assert var is not None
-    bad = int((var.to(torch.float64) + p.eps <= 0).sum())
+    bad = int((var + p.eps <= 0).sum())
     if bad:
         raise CheckpointError(
             f"pair {p.linear!r}: running_var + eps <= 0 in {bad} of {out} channels",
@@ -383,12 +387,8 @@ def _check_statistics(p: FoldPair, vecs: Mapping[str, torch.Tensor | None], out:
 
 
 def _qparams(
-    p: FoldPair,
-    infos: TensorInfos,
-    load: Callable[[str], torch.Tensor],
-    out: int,
-    emit: bool,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    p: FoldPair, infos: TensorInfos, load: Loader, out: int, emit: bool
+) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
     assert p.scale_key is not None and p.zero_point_key is not None
     (s_dtype, s_shape), (z_dtype, z_shape) = infos[p.scale_key], infos[p.zero_point_key]
     if s_dtype not in FLOAT_DTYPES or z_dtype not in INT_DTYPES or s_shape != z_shape:
@@ -402,8 +402,9 @@ def _qparams(
             f"value per output channel ({out}) or one for the tensor",
             hint="was the observer ever run? calibrate the QAT model before folding",
         )
-    scale, zp = load(p.scale_key), load(p.zero_point_key).to(torch.int64)
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+    scale = st_arrays.to_float(load(p.scale_key), s_dtype)
+    zp = load(p.zero_point_key).astype(np.int64)
+    if not bool(np.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise CheckpointError(f"pair {p.linear!r}: fake-quant scale has values <= 0 or non-finite")
     asym = bool((zp != 0).any())
     info: dict[str, Any] = {
@@ -413,21 +414,25 @@ def _qparams(
     if p.quant_min is not None and p.quant_max is not None:
         info["quant_min"], info["quant_max"] = p.quant_min, p.quant_max
         info["bits"] = max(1, math.ceil(math.log2(p.quant_max - p.quant_min + 1)))
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, tuple[str, np.ndarray]] = {}
     if emit:
-        extra[f"{p.linear}.weight_scale"] = scale.to(torch.float32).reshape(-1, 1).expand(out, 1)
+        column = (out, 1)
+        scale32 = st_arrays.from_float(scale, "F32").reshape(-1, 1)
+        extra[f"{p.linear}.weight_scale"] = (
+            "F32", np.ascontiguousarray(np.broadcast_to(scale32, column)))
         if asym:
             lo = p.quant_min if p.quant_min is not None else int(zp.min())
             hi = p.quant_max if p.quant_max is not None else int(zp.max())
-            zp_dtype = torch.int8 if -128 <= lo and hi <= 127 else torch.int32
-            extra[f"{p.linear}.weight_zero_point"] = zp.to(zp_dtype).reshape(-1, 1).expand(out, 1)
-        extra = {k: v.contiguous() for k, v in extra.items()}
+            zp_dtype = "I8" if -128 <= lo and hi <= 127 else "I32"
+            zp_col = zp.astype(st_arrays.STORAGE[zp_dtype]).reshape(-1, 1)
+            extra[f"{p.linear}.weight_zero_point"] = (
+                zp_dtype, np.ascontiguousarray(np.broadcast_to(zp_col, column)))
     return info, extra
 
 
 def _input_qparams(
-    p: FoldPair, infos: TensorInfos, load: Callable[[str], torch.Tensor], emit: bool
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    p: FoldPair, infos: TensorInfos, load: Loader, emit: bool
+) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
     """The input fake quant's per-tensor scale and zero point; with ``emit``, the tensors
     ``<linear>.input_scale`` ((1,) float32) and ``<linear>.input_zero_point`` ((1,) int32, only
     when not zero)."""
@@ -440,18 +445,19 @@ def _input_qparams(
             f"{z_dtype} {list(z_shape)} are not one float32 and one integer value",
             hint="the checkpoint was not written by `qatconv prepare --activations int8`",
         )
-    scale, zp = load(p.input_scale_key).to(torch.float32), load(p.input_zero_point_key)
-    if not (math.isfinite(float(scale)) and float(scale) > 0):
+    scale = load(p.input_scale_key).astype(np.float32).reshape(1)
+    zp = int(load(p.input_zero_point_key).reshape(-1)[0])
+    if not (math.isfinite(float(scale[0])) and float(scale[0]) > 0):
         raise CheckpointError(
-            f"pair {p.linear!r}: input fake-quant scale is {float(scale)}",
+            f"pair {p.linear!r}: input fake-quant scale is {float(scale[0])}",
             hint="calibrate the QAT model (qatconv prepare) before folding",
         )
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, tuple[str, np.ndarray]] = {}
     if emit:
-        extra[f"{p.linear}.input_scale"] = scale.reshape(1).contiguous()
-        if int(zp) != 0:
-            extra[f"{p.linear}.input_zero_point"] = zp.to(torch.int32).reshape(1).contiguous()
-    return {"scale": float(scale), "zero_point": int(zp)}, extra
+        extra[f"{p.linear}.input_scale"] = ("F32", np.ascontiguousarray(scale))
+        if zp != 0:
+            extra[f"{p.linear}.input_zero_point"] = ("I32", np.array([zp], dtype="<i4"))
+    return {"scale": float(scale[0]), "zero_point": zp}, extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,31 +478,51 @@ def fold_state_dict(
         CheckpointError: a pair's tensor is missing, mis-shaped or not finite.
         UsageError: ``emit_qparams`` for pairs without fake-quant state.
     """
+    import torch
+
     infos: dict[str, tuple[str, tuple[int, ...]]] = {}
     for k, t in tensors.items():
         infos[k] = (st_dtype(t.dtype) if has_st_dtype(t.dtype) else str(t.dtype), tuple(t.shape))
-    plan = make_plan(infos, lambda k: tensors[k], pairs, emit_qparams, "the state dict")
+    plan = make_plan(infos, lambda k: _storage_of(tensors[k]), pairs, emit_qparams,
+                     "the state dict")
     result: dict[str, torch.Tensor] = {}
     for o in plan.outputs:
         if o.source is not None:
             result[o.name] = tensors[o.source]
-        elif o.tensor is not None:
-            result[o.name] = o.tensor
+        elif o.data is not None:
+            result[o.name] = _tensor_of(o.data, o.dtype)
         else:
             assert o.pair is not None
             w = tensors[o.pair.pair.weight_key]
-            folded = (w.to(torch.float64) * o.pair.scale.unsqueeze(-1)).to(w.dtype)
-            check_folded(o.pair.pair, folded)
+            scale = torch.from_numpy(o.pair.scale).unsqueeze(-1)
+            folded = (w.to(torch.float64) * scale).to(w.dtype)
+            check_folded(o.pair.pair, _storage_of(folded), o.pair.weight_dtype)
             result[o.name] = folded
     return result
 
 
-def check_folded(p: FoldPair, folded: torch.Tensor) -> None:
-    if not bool(torch.isfinite(folded).all()):
-        bad = int((~torch.isfinite(folded)).sum())
+def _storage_of(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's `st_arrays` storage array (BF16 as its uint16 bits)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _tensor_of(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr).copy())
+    return t.view(torch_dtype(dtype)) if dtype == "BF16" else t
+
+
+def check_folded(p: FoldPair, folded: np.ndarray, dtype: str) -> None:
+    """Refuse a folded weight (storage array of ``dtype``) holding NaN/inf."""
+    bad = int(st_arrays.nonfinite(folded, dtype).sum())
+    if bad:
         raise CheckpointError(
-            f"pair {p.linear!r}: {bad} folded weight values are not finite in "
-            f"{st_dtype(folded.dtype)}",
+            f"pair {p.linear!r}: {bad} values of {p.weight_key!r} are not finite in {dtype} "
+            "after folding",
             hint="the source weight holds NaN/inf, or gamma / sqrt(running_var + eps) is so "
             "large that the weight overflows its dtype",
         )

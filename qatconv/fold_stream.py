@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from qatconv import st_format
+from qatconv import st_arrays, st_format
 from qatconv.atomic import AtomicFile
-from qatconv.dtypes import SIZES, tensor_bytes, torch_dtype
+from qatconv.dtypes import SIZES
 from qatconv.errors import OutputError, UsageError
 from qatconv.fold_plan import (
     FoldPair,
@@ -44,14 +43,13 @@ __all__ = ["fold_file"]
 # Weights are folded this many elements at a time: 16 MiB of float64 per block.
 CHUNK_ELEMENTS = 1 << 21
 
-def _load_small(source: OpenCheckpoint, name: str) -> torch.Tensor:
+def _load_small(source: OpenCheckpoint, name: str) -> np.ndarray:
     fd, header = source.locate(name)
     info = header.tensors[name]
-    dtype = torch_dtype(info.dtype)
     if info.numel == 0:
-        return torch.empty(info.shape, dtype=dtype)
+        return st_arrays.storage(b"", info.dtype).reshape(info.shape)
     data = bytearray(st_format.read_tensor_bytes(fd, header, name))
-    return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+    return st_arrays.storage(data, info.dtype, info.shape)
 
 
 def fold_file(
@@ -206,8 +204,8 @@ def _write_shard(
                 info = h.tensors[o.source]
                 queue.submit(writer.copy_range, fd, h.data_start + info.begin, info.nbytes,
                              o.name)  # fmt: skip
-            elif o.tensor is not None:
-                queue.submit(writer.write, o.name, tensor_bytes(o.tensor))
+            elif o.data is not None:
+                queue.submit(writer.write, o.name, st_arrays.array_bytes(o.data))
             else:
                 assert o.pair is not None
                 pp = o.pair
@@ -300,7 +298,7 @@ def _stream_weight(
     the four of torch's ``w.double().mul_(s).to(dtype)``; the bits are the same (exact
     up-cast, one IEEE float64 product, round to nearest even). 16-bit weights go through
     float32 because that is how torch casts float64 to float16 / bfloat16 (double rounding),
-    and the result must equal torch's.
+    and the result must equal torch's (`st_arrays.from_float`).
     """
     rows, cols = pp.shape
     if rows * cols == 0:
@@ -308,7 +306,7 @@ def _stream_weight(
         return
     itemsize = SIZES[pp.weight_dtype]
     block = max(1, CHUNK_ELEMENTS // cols)
-    scale = pp.scale.numpy()
+    scale = pp.scale
     key = pp.pair.weight_key
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
@@ -323,18 +321,17 @@ def _stream_weight(
                 np.multiply(w, s, out=w, casting="unsafe")
                 total = float(w.sum())
             else:
-                w16 = torch.frombuffer(raw, dtype=torch_dtype(pp.weight_dtype), count=n)
+                w16 = st_arrays.storage(raw, pp.weight_dtype, count=n)
                 acc = buffers.f32[:n].reshape(r1 - r0, cols)
-                torch.from_numpy(acc).view(-1).copy_(w16)
+                acc[...] = st_arrays.to_float(w16, pp.weight_dtype, np.float32).reshape(acc.shape)
                 np.multiply(acc, s, out=acc, casting="unsafe")
-                w16.copy_(torch.from_numpy(acc).view(-1))
-                total = float(w16.sum(dtype=torch.float32))
+                w16[...] = st_arrays.from_float(acc, pp.weight_dtype).reshape(-1)
+                # Summed after the cast: a value that overflows the 16-bit type is inf there.
+                total = float(st_arrays.to_float(w16, pp.weight_dtype, np.float32).sum())
         # A sum is finite unless some value is NaN/inf (or the sum overflows: then look closer).
         if not math.isfinite(total):
-            check_folded(
-                pp.pair,
-                torch.frombuffer(raw, dtype=torch_dtype(pp.weight_dtype), count=n),
-            )
+            check_folded(pp.pair, st_arrays.storage(raw, pp.weight_dtype, count=n),
+                         pp.weight_dtype)
         buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
 
 

@@ -14,37 +14,46 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from qatconv.errors import BadInputError, first_line
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def copy_model(model: nn.Module, rebuild: Callable[[], nn.Module] | None = None) -> nn.Module:
+def copy_model(
+    model: nn.Module,
+    rebuild: Callable[[], nn.Module] | None = None,
+    *,
+    share: Iterable[torch.Tensor] = (),
+) -> nn.Module:
     """An independent copy of ``model`` (parameters, buffers, hooks, parametrizations).
 
     Args:
         model: the model to copy; left as it was.
         rebuild: builds a fresh instance of the same architecture (e.g. from the model spec);
             used with ``load_state_dict`` when the model cannot be copied otherwise.
+        share: tensors of ``model`` the copy holds as the same objects instead of copies
+            (the caller promises not to modify them, or to replace their modules).
 
     Raises:
         BadInputError: the model cannot be copied and no ``rebuild`` was given.
     """
+    memo = {id(t): t for t in share}
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, dict(memo))
     except RuntimeError as first:
         log.debug("deepcopy failed (%s); retrying with detached non-leaf attributes", first)
         error: Exception = first
     try:
         with _detached_attributes(model):
-            return copy.deepcopy(model)
+            return copy.deepcopy(model, dict(memo))
     except RuntimeError as e:
         error = e
     if rebuild is None:

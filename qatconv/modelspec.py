@@ -63,13 +63,17 @@ def parse_model_args(items: Sequence[str]) -> dict[str, object]:
     return args
 
 
-def build_model(spec: str, args: dict[str, object] | None = None) -> nn.Module:
+def build_model(
+    spec: str, args: dict[str, object] | None = None, *, device: str | None = None
+) -> nn.Module:
     """Import ``spec``'s NAME, call it with ``args`` and return the model in eval mode.
 
     Args:
         spec: ``path/to/file.py:NAME`` (imported from the file; its folder is importable so
             sibling modules resolve) or ``package.module:NAME``.
         args: keyword arguments for NAME (see `parse_model_args`).
+        device: build the model's tensors there (``"meta"``: shapes only, no memory). The
+            module is imported outside it, so what its import creates stays real.
 
     Raises:
         ModelSpecError: no ``:NAME``; the file is missing; importing raises; NAME is missing,
@@ -87,7 +91,12 @@ def build_model(spec: str, args: dict[str, object] | None = None) -> nn.Module:
     else:
         module = _import_module(spec, target)
     factory = _resolve(spec, module, name)
-    return _call(spec, factory, args)
+    if device is None:
+        return _call(spec, factory, args)
+    import torch
+
+    with torch.device(device):
+        return _call(spec, factory, args)
 
 
 # Packages whose plain functions read files or run code (torch.load, torch.hub.load, numpy.load,

@@ -372,13 +372,18 @@ def _working_model(model: nn.Module, *, full: bool) -> Iterator[nn.Module]:
     """Yield an eval-mode copy of `model` to trace and run.
 
     Without a sample only the module structure is copied (tensors shared, nothing runs); with
-    one the copy is deep, so running it cannot touch the caller's tensors. When the model
+    one the buffers are copied too, so running it (eval mode) cannot touch the caller's
+    tensors, while the parameters, the bulk of a model's memory, stay shared: an eval forward
+    does not write them (lazy ones, which the sample materializes, are copied). When the model
     cannot be copied, the model itself is used and its training flags and root attributes
     (torch.fx adds `_tensor_constant*` there) are restored afterwards.
     """
     memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if not isinstance(p, nn.parameter.UninitializedParameter):
+            memo[id(p)] = p
     if not full:
-        for t in itertools.chain(model.parameters(), model.buffers()):
+        for t in model.buffers():
             memo[id(t)] = t
     try:
         work = copy.deepcopy(model, memo)

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -198,9 +198,12 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
         bn: nn.BatchNorm1d,
         qconfig: object,
         input_scheme: QuantScheme | None = None,
+        share_weight: bool = False,
     ) -> QatLinearBn1d:
-        """A QAT module holding clones of ``linear``'s and ``bn``'s tensors (never shared);
-        with ``input_scheme``, an ``input_fake_quant`` for static int8 activations."""
+        """A QAT module holding clones of ``linear``'s and ``bn``'s tensors; with
+        ``share_weight``, ``linear``'s own weight and bias Parameters (for a calibration, which
+        never changes them: a second copy of every weight is the bulk of its memory); with
+        ``input_scheme``, an ``input_fake_quant`` for static int8 activations."""
         mod = cls(
             linear.in_features,
             linear.out_features,
@@ -213,9 +216,13 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
         ref = linear.weight
         mod.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            mod.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias)
+            if share_weight:
+                mod.weight = linear.weight
+                mod.bias = linear.bias
+            else:
+                mod.weight.copy_(linear.weight)
+                if linear.bias is not None:
+                    mod.bias.copy_(linear.bias)
             if bn.affine:
                 mod.bn.weight.copy_(bn.weight)
                 mod.bn.bias.copy_(bn.bias)
@@ -239,6 +246,8 @@ def swap_pairs_(
     pairs: Sequence[dict],
     qconfig: object,
     input_scheme: QuantScheme | None = None,
+    *,
+    share_weights: bool = False,
 ) -> dict[str, nn.Module]:
     """Put a `QatLinearBn1d` at each pair's Linear path and `nn.Identity` at its BN path.
 
@@ -248,6 +257,8 @@ def swap_pairs_(
         qconfig: from `make_qconfig`.
         input_scheme: the activation scheme (`QuantConfig.activation_scheme`); None for
             weight-only.
+        share_weights: the QAT modules hold the Linears' own weight and bias Parameters
+            instead of clones (`QatLinearBn1d.from_pair`).
 
     Returns:
         The QAT modules by path.
@@ -262,7 +273,7 @@ def swap_pairs_(
             )
         if bn.running_var is None or bn.running_mean is None:
             raise BadInputError(f"{pair['bn']} tracks no running stats; it cannot be folded")
-        qat = QatLinearBn1d.from_pair(linear, bn, qconfig, input_scheme)
+        qat = QatLinearBn1d.from_pair(linear, bn, qconfig, input_scheme, share_weights)
         _set_submodule(model, pair["linear"], qat)
         _set_submodule(model, pair["bn"], nn.Identity())
         swapped[pair["linear"]] = qat
@@ -758,6 +769,18 @@ def _top1(q: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
     return {}
 
 
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """A copy that survives weight_norm, parametrizations and hooks (`qatconv.modelcopy`)."""
-    return copy_model(model)
+def deepcopy_model(model: nn.Module, share: Iterable[torch.Tensor] = ()) -> nn.Module:
+    """A copy that survives weight_norm, parametrizations and hooks (`qatconv.modelcopy`);
+    ``share``: tensors the copy holds as the same objects, not copies."""
+    return copy_model(model, share=share)
+
+
+def pair_tensors(model: nn.Module, pairs: Sequence[dict]) -> list[torch.Tensor]:
+    """The parameters and buffers of the pairs' Linear and BN modules (those `swap_pairs_`
+    replaces: a copy about to be swapped need not copy them)."""
+    out: list[torch.Tensor] = []
+    for pair in pairs:
+        for path in (pair["linear"], pair["bn"]):
+            mod = model.get_submodule(path)
+            out += [*mod.parameters(), *mod.buffers()]
+    return out

@@ -227,41 +227,70 @@ def check_qat_tensors(
 ) -> None:
     """Refuse a QAT checkpoint with NaN/inf weights or a paired running_var <= 0.
 
-    Reads with pread a block at a time, without torch: memory stays flat. Fake-quant state is
-    not scanned (an observer that never ran holds +-inf bounds; fold checks the scale itself).
+    Fake-quant state is not scanned (an observer that never ran holds +-inf bounds; fold checks
+    the scales itself). See `check_file_tensors`.
+    """
+    running_vars = {f"{r['qat']}.bn.running_var": (float(r.get("eps", 0.0)), True)
+                    for r in records}
+    check_file_tensors(path, running_vars, skip=skip,
+                       ignore=(".weight_fake_quant.", ".input_fake_quant."))
+
+
+def check_file_tensors(
+    path: Path,
+    running_vars: Mapping[str, tuple[float, bool]],
+    *,
+    skip: frozenset[str] = frozenset(),
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Refuse a safetensors checkpoint with NaN/inf tensors or broken BatchNorm variances.
+
+    What `check_model_state` checks on a loaded model, read from the file with pread a block at
+    a time, without torch: memory stays flat.
 
     Args:
+        running_vars: BN ``running_var`` tensor -> (eps, paired): a paired one must be > 0,
+            any other > -eps.
         skip: tensors the caller checks itself (the fold checks every folded weight's values
             as it streams them, so a second full read is not needed).
+        ignore: tensors whose name contains one of these are not scanned.
 
     Raises:
         CheckpointError: the first problem found, naming the tensor and the channels.
     """
-    var_keys = {f"{r['qat']}.bn.running_var" for r in records}
     problems: list[tuple[str, str]] = []
     with open_checkpoint(Path(path)) as ckpt:
         for name in sorted(ckpt.where, key=lambda n: (ckpt.where[n], n)):
             fd, header = ckpt.locate(name)
             info = header.tensors[name]
-            if (info.dtype not in FLOAT_DTYPES or ".weight_fake_quant." in name
-                    or ".input_fake_quant." in name or name in skip):
+            if info.dtype not in FLOAT_DTYPES or name in skip or any(i in name for i in ignore):
                 continue
-            rows = info.shape[0] if info.shape else 1
-            bad_rows = _scan_nonfinite(fd, header, name)
-            if bad_rows:
-                unit = "channels" if len(info.shape) == 1 else "output channels"
-                problems.append(
-                    (f"{name} has NaN/inf values in {bad_rows} of {rows} {unit}",
-                     _NONFINITE_HINT)
-                )
-            elif name in var_keys:
-                var = _as_float64(st_format.read_tensor_bytes(fd, header, name), info.dtype)
-                bad = int((var <= 0).sum())
-                if bad:
-                    problems.append(
-                        (f"{name} is <= 0 in {bad} of {var.size} channels", _VAR_HINT)
-                    )
+            problem = _tensor_problem(fd, header, name, running_vars.get(name))
+            if problem:
+                problems.append(problem)
     _raise_first(problems, path)
+
+
+def _tensor_problem(
+    fd: int, header: st_format.Header, name: str, var: tuple[float, bool] | None
+) -> tuple[str, str] | None:
+    info = header.tensors[name]
+    rows = info.shape[0] if info.shape else 1
+    bad_rows = _scan_nonfinite(fd, header, name)
+    if bad_rows:
+        unit = "channels" if len(info.shape) == 1 else "output channels"
+        return f"{name} has NaN/inf values in {bad_rows} of {rows} {unit}", _NONFINITE_HINT
+    if var is None:
+        return None
+    eps, paired = var
+    values = _as_float64(st_format.read_tensor_bytes(fd, header, name), info.dtype)
+    broken = int((values + eps <= 0).sum())
+    bad = int((values <= 0).sum()) if paired else broken
+    if not bad:
+        return None
+    what = "<= 0" if paired else "+ eps <= 0"
+    return (f"{name} is {what} in {bad} of {values.size} channels",
+            _VAR_HINT if not broken else _BROKEN_VAR_HINT)
 
 
 def _as_float64(raw: bytes | memoryview, dtype: str) -> np.ndarray:

@@ -419,7 +419,7 @@ def test_failures_write_nothing(tmp_path: Path) -> None:
     half = {k: v.half() if k == "mlp.0.weight" else v for k, v in tensors.items()}
     half["mlp.0.weight"][4, 0] = 60000.0
     half["mlp.1.running_var"] = torch.full((13,), 1e-4)
-    fails(half, CheckpointError, "folded weight values are not finite in F16")
+    fails(half, CheckpointError, "values of 'mlp.0.weight' are not finite in F16")
     shape = dict(tensors, **{"mlp.1.running_mean": torch.zeros(12)})
     fails(shape, CheckpointError, "expected a float vector of the weight's 13 output channels")
     fails(tensors, UsageError, "emit-qparams", emit_qparams=True)
