@@ -18,6 +18,10 @@ is that child's `ru_maxrss` (os.wait4), its wall time includes interpreter start
 - qatconv fold_file, QAT layout (FoldPair.from_qat_record, --emit-qparams).
 - qatconv fold (CLI): the real command, `qatconv fold QAT.safetensors -o OUT`, on the QAT-layout
   file (model-free; reads the pairs from the file's qatconv metadata).
+- qatconv fold --model --weights (CLI): the plain fold of the float file, model code given
+  (pairs found on the model built on the meta device, then the same streaming fold).
+- qatconv prepare --mode calibrate (CLI), with --prepare: the float file to a QAT checkpoint on
+  256 random samples; its wall time is not a fold's, its peak RSS is the point (goal <= 2.5x).
 - python -c "import torch": the floor every torch-based tool pays.
 
 Rounds are interleaved (all tools in a shuffled order, then again, ...) after --warmup untimed
@@ -101,6 +105,8 @@ fold_file(Path({qat_src!r}), Path({dst!r}), pairs, metadata={{}}, emit_qparams=T
 }
 NO_FSYNC = "qatconv fold_file, fsync=False"
 CLI = "qatconv fold (CLI)"
+CLI_PLAIN = "qatconv fold --model --weights (CLI)"
+CLI_PREPARE = "qatconv prepare --mode calibrate (CLI)"
 BASELINE = "safetensors load_file + save_file"
 
 
@@ -182,11 +188,33 @@ def run_child(argv: list[str]) -> tuple[float, float]:
     return r["wall"], r["maxrss_kib"] / 1024  # Linux reports KiB
 
 
-def commands(src: Path, qat_src: Path, hidden: int, dst: Path) -> dict[str, list[str]]:
+def model_file(hidden: int) -> tuple[Path, Path]:
+    """The benchmark model as a `--model` spec file, and 256 samples for it (`--data`)."""
+    import numpy as np
+
+    spec = WORK / "fold_model.py"
+    spec.write_text(_MODEL.format(layers=LAYERS, hidden=hidden).replace(
+        "model = nn.Sequential", "def model() -> nn.Module:\n    return nn.Sequential"))
+    data = WORK / f"fold-data-{hidden}.npy"
+    if not data.exists():
+        rng = np.random.default_rng(0)
+        np.save(data, rng.standard_normal((256, hidden), dtype=np.float32))
+    return spec, data
+
+
+def commands(src: Path, qat_src: Path, hidden: int, dst: Path,
+             prepare: bool = False) -> dict[str, list[str]]:
     fmt = {"src": str(src), "qat_src": str(qat_src), "dst": str(dst), "layers": LAYERS,
            "hidden": hidden, "fsync": True}  # fmt: skip
     cmds = {"cp": ["cp", str(src), str(dst)]}
-    cmds[CLI] = [sys.executable, "-m", "qatconv", "fold", str(qat_src), "-o", str(dst), "--quiet"]
+    qatconv = [sys.executable, "-m", "qatconv"]
+    cmds[CLI] = [*qatconv, "fold", str(qat_src), "-o", str(dst), "--quiet"]
+    spec, data = model_file(hidden)
+    cmds[CLI_PLAIN] = [*qatconv, "fold", "--model", f"{spec}:model", "--weights", str(src),
+                       "-o", str(dst), "--quiet"]
+    if prepare:
+        cmds[CLI_PREPARE] = [*qatconv, "prepare", "--model", f"{spec}:model", "--weights",
+                             str(src), "--data", str(data), "-o", str(dst), "--quiet"]
     for name, code in SCRIPTS.items():
         cmds[name] = [sys.executable, "-c", code.format(**fmt)]
     cmds[NO_FSYNC] = [
@@ -225,13 +253,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prepare", action="store_true",
+                    help="also `qatconv prepare --mode calibrate` of the checkpoint (peak RSS)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "fold.json")
     args = ap.parse_args()
 
     src, qat_src, hidden = generate(args.size_mib, args.seed)
     file_mib = src.stat().st_size / 2**20
     dst = WORK / "fold-out.safetensors"
-    cmds = commands(src, qat_src, hidden, dst)
+    cmds = commands(src, qat_src, hidden, dst, args.prepare)
     for p in (src, qat_src):  # warm the page cache: every tool then reads from memory
         subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
     print(f"checkpoint: {LAYERS} x (Linear({hidden}, {hidden}) + BatchNorm1d), {file_mib:.0f} MiB; "
@@ -253,7 +283,7 @@ def main() -> None:
                 continue
             samples[name].append((wall, rss))
             if r == args.repeat - 1 and name in ("torch.ao fuse_modules", "torch.fx fuse",
-                                                  "qatconv fold_file"):  # fmt: skip
+                                                  "qatconv fold_file", CLI, CLI_PLAIN):  # fmt: skip
                 keep = WORK / f"last-{len(kept)}.safetensors"
                 dst.rename(keep)
                 kept[name] = keep
