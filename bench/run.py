@@ -3,9 +3,12 @@
 Runs, in this order, each interleaving its own contenders (A B A B ...) so that machine drift
 cancels within a comparison:
 
-1. fold     (bench/fold.py): `qatconv fold` vs cp, safetensors load+save, torch.ao
-            fuse_modules, torch.fx fuse on a generated 1 GiB checkpoint; wall and peak RSS.
-2. prepare  (bench/prepare.py): fine-tune steps/s vs a hand-written torch.ao QAT loop.
+1. fold     (bench/fold.py --prepare): `qatconv fold` (model-free, and plain --model --weights)
+            vs cp, safetensors load+save, torch.ao fuse_modules, torch.fx fuse on a generated
+            1 GiB checkpoint; wall and peak RSS; and `prepare --mode calibrate`'s peak RSS.
+2. prepare  (bench/prepare.py): fine-tune steps/s vs a hand-written torch.ao QAT loop;
+   prepare_process (bench/prepare_process.py): whole processes on a 4 x Linear(512) MLP.
+2b. contention (bench/contention.py): digits prepare and the demo, quiet and next to a busy core.
 3. startup  (bench/startup.py): `qatconv --help`, `qatconv inspect` of the 1 GiB file vs
             `python -c "import torch"`.
 4. scaling  (bench/scaling.py): plain fold and prepare of models with 10, 100, 1,000 pairs.
@@ -34,6 +37,10 @@ GOALS = {
     "fold_wall_vs_load_save": 1.0,  # at most
     "fold_rss_vs_file": 0.4,  # at most
     "prepare_vs_hand_written": 1.0,  # at least
+    "prepare_process_vs_hand_written": 1.3,  # at least, whole process, 4 x Linear(512)
+    "prepare_rss_vs_file": 2.5,  # at most, prepare --mode calibrate of the 1 GiB checkpoint
+    "contention_prepare_busy_vs_quiet": 1.5,  # at most, default threads
+    "contention_demo_busy_s": 20.0,  # at most
     "startup_vs_import_torch": 0.25,  # at most
     "export_int8_vs_float_b256": 1.5,  # at least, 4 x Linear(2048) MLP
     "export_int8_vs_float_b1": 2.0,  # at least, 4 x Linear(2048) MLP
@@ -68,12 +75,22 @@ def report(res: dict) -> str:
         lines.append(f"| {r['tool']} | {r['wall_s']:.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
                      f"{r['wall_vs_load_save']:.2f}x | {r['peak_rss_mib']:.0f} | "
                      f"{r['rss_vs_file']:.2f}x |")
-    q = next(r for r in fold["rows"] if r["tool"] == res["fold_tool"])
-    lines += ["", (f"Goal: `{res['fold_tool']}` wall <= {GOALS['fold_wall_vs_load_save']}x "
-                   f"load+save: {q['wall_vs_load_save']:.2f}x, "
-                   f"{verdict(q['wall_vs_load_save'] <= GOALS['fold_wall_vs_load_save'])}; "
-                   f"peak RSS <= {GOALS['fold_rss_vs_file']}x file: {q['rss_vs_file']:.2f}x, "
-                   f"{verdict(q['rss_vs_file'] <= GOALS['fold_rss_vs_file'])}."), ""]
+    lines.append("")
+    for tool in FOLD_TOOLS:
+        q = next((r for r in fold["rows"] if r["tool"] == tool), None)
+        if q is not None:
+            lines.append(
+                f"Goal: `{tool}` wall <= {GOALS['fold_wall_vs_load_save']}x load+save: "
+                f"{q['wall_vs_load_save']:.2f}x, "
+                f"{verdict(q['wall_vs_load_save'] <= GOALS['fold_wall_vs_load_save'])}; "
+                f"peak RSS <= {GOALS['fold_rss_vs_file']}x file: {q['rss_vs_file']:.2f}x, "
+                f"{verdict(q['rss_vs_file'] <= GOALS['fold_rss_vs_file'])}.")
+    q = next((r for r in fold["rows"] if r["tool"] == PREPARE_TOOL), None)
+    if q is not None:
+        lines.append(f"Goal: `{PREPARE_TOOL}` peak RSS <= {GOALS['prepare_rss_vs_file']}x "
+                     f"file: {q['rss_vs_file']:.2f}x, "
+                     f"{verdict(q['rss_vs_file'] <= GOALS['prepare_rss_vs_file'])}.")
+    lines += ["", *contention_report(res)] if "contention" in res else [""]
     prep = res["prepare"]
     lines += [(f"### prepare (fine-tune, digits MLP, {prep['steps']} steps, batch "
                f"{prep['batch_size']})"), "",
@@ -84,6 +101,8 @@ def report(res: dict) -> str:
     ratio = next(r["ratio"] for r in prep["rows"] if r["loop"].startswith("qatconv"))
     lines += ["", (f"Goal: >= {GOALS['prepare_vs_hand_written']}x the hand-written loop: "
                    f"{ratio:.2f}x, {verdict(ratio >= GOALS['prepare_vs_hand_written'])}."), ""]
+    if "prepare_process" in res:
+        lines += [*process_report(res["prepare_process"]), ""]
     lines += ["### start-up", "", "| command | median s (min-max) | vs import torch |",
               "|---|---:|---:|"]
     for r in res["startup"]:
@@ -103,6 +122,42 @@ def report(res: dict) -> str:
     if "export" in res:
         lines += ["", *export_report(res["export"])]
     return "\n".join(lines) + "\n"
+
+
+FOLD_TOOLS = ("qatconv fold (CLI)", "qatconv fold --model --weights (CLI)")
+PREPARE_TOOL = "qatconv prepare --mode calibrate (CLI)"
+
+
+def contention_report(res: dict) -> list[str]:
+    c = res["contention"]
+    lines = [(f"### on a shared machine ({c['usable_cpus']} usable CPUs; quiet vs a busy process "
+              f"pinned to one core; medians of {c['repeat']})"), "",
+             "| command | quiet s | busy core s | busy / quiet |", "|---|---:|---:|---:|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['command']} | {r['quiet_s']:.1f} | {r['busy_s']:.1f} | "
+                     f"{r['ratio']:.2f}x |")
+    prep = next(r for r in c["rows"] if r["command"].endswith("(default threads)"))
+    demo = next((r for r in c["rows"] if r["command"] == "demo"), None)
+    goal = GOALS["contention_prepare_busy_vs_quiet"]
+    lines += ["", (f"Goal: default-threads prepare next to the busy core <= {goal}x its quiet "
+                  f"time: {prep['ratio']:.2f}x, {verdict(prep['ratio'] <= goal)}.")]
+    if demo is not None:
+        goal = GOALS["contention_demo_busy_s"]
+        lines.append(f"Goal: the demo next to the busy core <= {goal:.0f} s: "
+                     f"{demo['busy_s']:.1f} s, {verdict(demo['busy_s'] <= goal)}.")
+    return [*lines, ""]
+
+
+def process_report(pp: dict) -> list[str]:
+    lines = [(f"### prepare, whole process ({pp['layers']} x Linear({pp['width']}) + BN, batch "
+              f"{pp['batch']}, {pp['steps']} steps, one thread each)"), "",
+             "| run | wall s median (min-max) |", "|---|---:|"]
+    for name, vals in pp["samples"].items():
+        med = sorted(vals)[len(vals) // 2]
+        lines.append(f"| {name} | {med:.1f} ({min(vals):.1f}-{max(vals):.1f}) |")
+    ratio, goal = pp["ratio_hand_over_qatconv"], GOALS["prepare_process_vs_hand_written"]
+    return [*lines, "", (f"Goal: hand-written time / qatconv time >= {goal}x: {ratio:.2f}x, "
+                        f"{verdict(ratio >= goal)}.")]
 
 
 def export_report(ex: dict) -> list[str]:
@@ -135,19 +190,22 @@ def export_report(ex: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 MiB checkpoint, fewer repeats")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. "
+                    "export,scaling")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     OUT.mkdir(parents=True, exist_ok=True)
     size, rep = ("256", "2") if args.quick else ("1024", "3")
     res: dict = {
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python "
                    f"{platform.python_version()}",
-        "fold_tool": "qatconv fold (CLI)",
     }
-    res["fold"] = run("fold.py", "--size-mib", size, "--repeat", rep)
-    tools = [r["tool"] for r in res["fold"]["rows"]]
-    if res["fold_tool"] not in tools:  # older fold bench: the library call
-        res["fold_tool"] = next(t for t in tools if t.startswith("qatconv"))
+    res["fold"] = run("fold.py", "--size-mib", size, "--repeat", rep, "--prepare")
+    if "contention" not in skip:
+        res["contention"] = run("contention.py", "--repeat", "1" if args.quick else "3")
     res["prepare"] = run("prepare.py", "--repeat", rep)
+    if "prepare_process" not in skip:
+        res["prepare_process"] = run("prepare_process.py", "--repeat", rep)
     res["startup"] = run("startup.py", "--repeat", "3" if args.quick else "5")
     res["scaling"] = run("scaling.py", "--repeat", "1" if args.quick else "3")
     try:
@@ -155,7 +213,8 @@ def main() -> None:
     except ImportError:
         print("export bench skipped: pip install -e '.[onnx]'", file=sys.stderr)
     else:
-        res["export"] = run("export.py", "--rounds", "3" if args.quick else "5")
+        if "export" not in skip:
+            res["export"] = run("export.py", "--rounds", "3" if args.quick else "5")
     (OUT / "run.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = report(res)
     (OUT / "run.md").write_text(md)
