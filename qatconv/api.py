@@ -359,13 +359,8 @@ def prepare(
     qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
                                     on_step, warnings_, replica)  # fmt: skip
     # After training, so the seeded run (and its file) does not depend on the table.
-    if sensitivity is None and len(all_records) > sens.SENSITIVITY_AUTO_PAIRS:
-        note(f"sensitivity table skipped for {len(all_records)} pairs (over "
-             f"{sens.SENSITIVITY_AUTO_PAIRS}: two calibrations each); --sensitivity measures it")
-    wanted = sensitivity if sensitivity is not None else (
-        len(all_records) <= sens.SENSITIVITY_AUTO_PAIRS)
-    table = (sens.pair_sensitivity(model, all_records, quant, inputs,  # rank 0 reports it
-                                   batch_size=train.batch_size) if wanted and writer else [])
+    table = sens.sensitivity_table(model, all_records, quant, inputs, batch_size=train.batch_size,
+                                   requested=sensitivity if writer else False, note=note)
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
                          metrics, excluded, exclude)  # fmt: skip
     if replica is not None:

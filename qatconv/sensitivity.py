@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,27 @@ def pair_sensitivity(
             sqnr.append(sqnr_db(reference, _outputs(model, x, batch_size)))
         table.append(PairSensitivity(record["linear"], sqnr[0], sqnr[1]))
     return table
+
+
+def sensitivity_table(
+    float_model: nn.Module,
+    records: Sequence[dict[str, Any]],
+    quant: QuantConfig,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int,
+    requested: bool | None,
+    note: Callable[[str], None],
+) -> list[PairSensitivity]:
+    """`pair_sensitivity` when ``requested``; unasked (None), only for at most
+    `SENSITIVITY_AUTO_PAIRS` pairs (saying so through ``note`` when it is skipped)."""
+    if requested is None and len(records) > SENSITIVITY_AUTO_PAIRS:
+        note(f"sensitivity table skipped for {len(records)} pairs (over "
+             f"{SENSITIVITY_AUTO_PAIRS}: two calibrations each); --sensitivity measures it")
+        return []
+    if requested is False:
+        return []
+    return pair_sensitivity(float_model, records, quant, inputs, batch_size=batch_size)
 
 
 def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
