@@ -83,6 +83,7 @@ class PrepareReport:
             "skipped": self.skipped,
             "metrics": self.metrics,
             "sensitivity": self.sensitivity,
+            "bn_before_linear": self.metadata.get("bn_before_linear", []),
             "seconds": self.seconds,
             "notes": self.notes,
             **({"distributed": dist} if (dist := self.metadata.get("distributed")) else {}),
@@ -251,11 +252,14 @@ def _require_pairs(scan: PairScan, allow_no_pairs: bool) -> None:
         (f"{s.linear} -> {s.bn}: {s.code}" if s.linear else f"{s.bn}: {s.code}")
         for s in scan.skipped[:5]
     ) or "the model has no Linear followed by BatchNorm1d"
-    raise NoPairsError(
-        f"no Linear+BatchNorm1d pair can fold ({reasons})",
-        hint="run `qatconv inspect CKPT --model SPEC` for the reasons; "
-        "--allow-no-pairs writes the output anyway",
-    )
+    hint = ("run `qatconv inspect CKPT --model SPEC` for the reasons; --allow-no-pairs writes "
+            "the output anyway")
+    if scan.bn_before_linear:
+        c = scan.bn_before_linear[0]
+        hint = (f"{len(scan.bn_before_linear)} BatchNorm1d -> Linear candidate(s) ({c.bn} -> "
+                f"{c.linear}{', ...' if len(scan.bn_before_linear) > 1 else ''}) fold with "
+                "--fold-bn-before-linear; --allow-no-pairs writes the output anyway")
+    raise NoPairsError(f"no Linear+BatchNorm1d pair can fold ({reasons})", hint=hint)
 
 
 def _skipped_json(scan: PairScan) -> list[dict[str, Any]]:
@@ -293,6 +297,7 @@ def prepare(
     strict: bool = False,
     exclude: Sequence[str] = (),
     sensitivity: bool | None = None,
+    fold_bn_before_linear: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     replica: Replica | None = None,
@@ -313,6 +318,8 @@ def prepare(
             `fold` folds their BN in float).
         sensitivity: measure the per-pair SQNR table (two calibrations per pair); None: only
             when the model has at most `sensitivity.SENSITIVITY_AUTO_PAIRS` pairs.
+        fold_bn_before_linear: fold each BatchNorm1d that feeds only a Linear into that
+            Linear's input side before the QAT swap (recorded as ``bn_before_linear``).
         on_step: fine-tune progress callback.
         on_note: called with each sentence about what was done.
         replica: this rank of a distributed run (`qatconv.distributed.session`): the
@@ -351,8 +358,12 @@ def prepare(
     _check_data_fits(model, inputs, data)
     scan = scan_pairs(model, _sample(inputs), strict=strict)
     _note_finder(scan, loaded, note)
-    _require_pairs(scan, allow_no_pairs)
+    before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
+    _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
     all_records = [p.to_record() for p in scan.pairs]
+    before: list[dict[str, Any]] = []
+    if fold_bn_before_linear:
+        all_records, before = _fold_bn_before_model_(model, all_records, before_ok)
     records, excluded = sens.split_excluded(all_records, exclude)
     validate.check_model_state(model, all_records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
@@ -363,6 +374,8 @@ def prepare(
                                    requested=sensitivity if writer else False, note=note)
     meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
                          metrics, excluded, exclude)  # fmt: skip
+    if before:
+        meta["bn_before_linear"] = before
     if replica is not None:
         meta["distributed"] = replica.to_json()
         replica.barrier()  # every rank trained without error: now rank 0 writes
@@ -584,6 +597,7 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
 
     cfg = _model_cfg_from_meta(meta, model_cfg)
     model = load_model(cfg).model.float()
+    _drop_bns_(model, meta.get("bn_before_linear") or [])  # folded before the QAT swap
     validate.check_pairs_fit_model(model, validate.qat_records(meta, cfg.spec), cfg.spec)
     quant = QuantConfig(Backend(meta.get("backend", "x86")), int(meta.get("weight_bits", 8)))
     # The recorded scheme, not today's table: the checkpoint's range is what it was trained with.
@@ -840,6 +854,8 @@ def _plan_qat_fold(
     extra["qparams"] = _qparams_meta(qat_checkpoint, meta, records, emit_qparams, act)
     extra.update(_scheme_meta(meta, records, excluded, act))
     # Excluded pairs are folded too (in float, no qparams): the folded file lists every pair.
+    if meta.get("bn_before_linear"):  # folded by prepare: the folded model drops those BNs too
+        extra["bn_before_linear"] = meta["bn_before_linear"]
     return _FoldPlan(records + excluded, skipped, fpairs, source, stage_from, model_meta, extra)
 
 
@@ -1063,6 +1079,19 @@ def _fold_bn_before(
     fold_mod.fold_bn_before_linear_(state, before)
     records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state} for r in records]
     return state, records, before
+
+
+def _fold_bn_before_model_(
+    model: nn.Module, records: list[dict[str, Any]], candidates: Sequence[Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fold BatchNorm1d -> Linear candidates into the model itself (prepare, before the swap).
+
+    Returns the pair records (biases updated) and the fold records.
+    """
+    state, records, before = _fold_bn_before(model, model.state_dict(), records, candidates)
+    _drop_bns_(model, before)
+    model.load_state_dict(state, strict=True)
+    return records, before
 
 
 def _shards_of_existing_index(out: Path) -> list[Path]:
@@ -1444,6 +1473,23 @@ def emulate_folded(
 # ---------------------------------------------------------------------------- load_folded
 
 
+def _drop_bns_(model: nn.Module, records: Sequence[dict[str, Any]]) -> None:
+    """Each record's BN becomes `nn.Identity`; its Linear gets a (zero) bias if it had none."""
+    import torch
+    from torch import nn
+
+    from qatconv.qat import _set_submodule
+
+    for record in records:
+        _set_submodule(model, record["bn"], nn.Identity())
+        linear = model.get_submodule(record["linear"])
+        if linear.bias is None:
+            linear.bias = nn.Parameter(
+                torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                            device=linear.weight.device)
+            )
+
+
 def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
     """Load a folded checkpoint into the original architecture.
 
@@ -1462,11 +1508,7 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
     Raises:
         CheckpointError: not a folded checkpoint, or its tensors do not fit ``model``.
     """
-    import torch
-    from torch import nn
-
     from qatconv import checkpoint, validate
-    from qatconv.qat import _set_submodule
 
     path = Path(path)
     meta = checkpoint.read_metadata(path)
@@ -1476,14 +1518,7 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
             hint="fold it first: qatconv fold QAT.safetensors -o OUT.safetensors",
         )
     validate.check_pairs_fit_model(model, validate.qat_records(meta, path), path)
-    for record in [*meta.get("pairs", []), *meta.get("bn_before_linear", [])]:
-        _set_submodule(model, record["bn"], nn.Identity())
-        linear = model.get_submodule(record["linear"])
-        if linear.bias is None:
-            linear.bias = nn.Parameter(
-                torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                            device=linear.weight.device)
-            )
+    _drop_bns_(model, [*meta.get("pairs", []), *meta.get("bn_before_linear", [])])
     tensors = checkpoint.load_checkpoint(path).tensors
     qparam_keys = {
         k for k in tensors

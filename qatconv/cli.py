@@ -119,7 +119,9 @@ def _model_cfg(
 
 
 def _pair_table(pairs: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                unverified: set[str] | None = None) -> Any:
+                unverified: set[str] | None = None,
+                before: list[dict[str, Any]] | None = None) -> Any:
+    """The pair table; ``before``: BN -> Linear candidates (their BN row says how to fold it)."""
     from rich.table import Table
 
     table = Table(title="Linear+BatchNorm1d pairs", title_justify="left")
@@ -128,9 +130,17 @@ def _pair_table(pairs: list[dict[str, Any]], skipped: list[dict[str, Any]],
     for p in pairs:
         status = "fold (unverified)" if unverified and p["linear"] in unverified else "fold"
         table.add_row(p["linear"], p["bn"], f"{p['in_features']}->{p['out_features']}", status)
+    candidates = {c["bn"]: c for c in before or []}
     for s in skipped:
+        c = None if s.get("linear") else candidates.pop(s.get("bn") or "", None)
+        if c is not None:
+            table.add_row(c["linear"], c["bn"], "BN->Linear",
+                          "fold with --fold-bn-before-linear")
+            continue
         table.add_row(s.get("linear") or "-", s.get("bn") or "-", "",
                       f"skip: {s['code']} ({s['reason']})")
+    for c in candidates.values():
+        table.add_row(c["linear"], c["bn"], "BN->Linear", "fold with --fold-bn-before-linear")
     return table
 
 
@@ -211,7 +221,8 @@ def _print_inspection(out: Output, ins: Any) -> None:
     if ins.scan is not None:
         scan = ins.scan.to_json()
         unverified = {p.linear for p in ins.scan.unverified}
-        out.table(_pair_table(scan["pairs"], scan["skipped"], unverified))
+        out.table(_pair_table(scan["pairs"], scan["skipped"], unverified,
+                              scan["bn_before_linear"]))
     bad = [h for h in ins.bn_health if not h.ok]
     if ins.bn_health:
         if bad:
@@ -260,6 +271,7 @@ def prepare(
     target_column: TargetColOpt = None,
     strict: StrictPairsOpt = False,
     allow_no_pairs: AllowNoPairsOpt = False,
+    fold_bn_before_linear: Annotated[bool, typer.Option("--fold-bn-before-linear", help="Also fold each BatchNorm1d that feeds only a Linear into that Linear's input side before the QAT swap.")] = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     threads: ThreadsOpt = None,
@@ -291,7 +303,8 @@ def prepare(
                              target_column=target_column, force=force,
                              allow_no_pairs=allow_no_pairs, strict=strict,
                              exclude=tuple(exclude or ()), sensitivity=sensitivity,
-                             on_step=on_step, on_note=out.note, replica=replica)
+                             fold_bn_before_linear=fold_bn_before_linear, on_step=on_step,
+                             on_note=out.note, replica=replica)
     for w in report.warnings:
         out.warn(w)
     _note_threads(out)
@@ -300,6 +313,8 @@ def prepare(
         out.table(_pair_table(report.pairs, report.skipped))
         if report.sensitivity:
             out.table(_sensitivity_table(report.sensitivity, weight_bits))
+        for r in report.metadata.get("bn_before_linear", []):
+            out.note(f"folded BatchNorm1d {r['bn']} into the input side of {r['linear']}")
         m = report.metrics
         act = "a8" if activations is Activations.int8 else ""
         line = f"w{weight_bits}{act}-simulated vs float: relative MSE {m['relative_mse']:.3g}"

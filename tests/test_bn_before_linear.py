@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torch import nn
 
+from qatconv import api
 from qatconv.errors import CheckpointError
 from qatconv.folding import (
     FoldPair,
@@ -26,6 +31,8 @@ from qatconv.folding import (
 )
 from qatconv.pairs import BnBeforeLinear, find_pairs
 from sample_models.edge_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Per-dtype relative tolerance: twice the unit roundoff (one rounding of each folded value to
 # the dtype; 16-bit casts may round twice, through float32). Applied elementwise to the output
@@ -380,3 +387,57 @@ def test_property_fold_equals_unfused(
         t["gamma"][::2] = 0
     x = torch.randn(8, n_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     _check_fold(t, eps, x, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# BN -> Linear in inspect, in the no-pairs hint, and in prepare
+# --------------------------------------------------------------------------------------------
+def test_inspect_lists_the_candidate_and_the_no_pairs_hint_names_the_flag(
+    tmp_path: Path, cli: Any
+) -> None:
+    from sample_models.edge_cases import BnBeforeLinear as OnlyBefore
+
+    model = OnlyBefore().eval()
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    spec = f"{ROOT / 'sample_models' / 'edge_cases.py'}:BnBeforeLinear"
+    r = cli("inspect", tmp_path / "w.safetensors", "--model", spec)
+    assert r.code == 0, r.err
+    row = [line for line in r.err.splitlines() if "fold with --fold-bn-before-linear" in line]
+    assert len(row) == 1 and "fc" in row[0] and "bn" in row[0]
+    assert "not-adjacent" not in r.err
+    (x,) = model.example_inputs()
+    np.savez(tmp_path / "x.npz", inputs=x.numpy())
+    r = cli("prepare", "--model", spec, "--weights", tmp_path / "w.safetensors", "--data",
+            tmp_path / "x.npz", "-o", tmp_path / "q.safetensors")
+    assert r.code == 3
+    assert "hint: 1 BatchNorm1d -> Linear candidate(s) (bn -> fc) fold with " \
+           "--fold-bn-before-linear" in r.err
+
+
+def test_prepare_folds_bn_before_linear_and_the_fold_matches_the_float_model(
+    tmp_path: Path, cli: Any
+) -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    from structured import BnSandwich, randomize_bn_
+
+    model = randomize_bn_(BnSandwich()).eval()
+    weights, data = tmp_path / "w.safetensors", tmp_path / "x.npz"
+    save_file(model.state_dict(), weights)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(4))
+    np.savez(data, inputs=x.numpy())
+    spec = f"{ROOT / 'tests' / 'models' / 'structured.py'}:BnSandwich"
+    q = tmp_path / "q.safetensors"
+    r = cli("prepare", "--model", spec, "--weights", weights, "--data", data, "-o", q,
+            "--fold-bn-before-linear", "--json")
+    assert r.code == 0, r.err
+    assert [(p["linear"], p["bn"], p["bias"]) for p in r.json()["pairs"]] == [
+        ("fc", "bn_out", True)]  # the input-side fold gave fc its bias
+    assert [(b["bn"], b["linear"]) for b in r.json()["bn_before_linear"]] == [("bn_in", "fc")]
+    out = tmp_path / "f.safetensors"
+    r = cli("fold", q, "-o", out, "--check", data, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["check"]["passed"]
+    folded = api.load_folded(BnSandwich().eval(), out)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    with torch.no_grad():  # against the unfused float model; tolerance: float32 rounding
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)

@@ -115,3 +115,17 @@ def build_weight_norm_head(parametrized: bool = False) -> nn.Module:
 
 def not_a_model() -> str:
     return "a string"
+
+
+class BnSandwich(nn.Module):
+    """BatchNorm1d -> Linear -> BatchNorm1d: an input-side fold, then the ordinary pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_in = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 16, bias=False)
+        self.bn_out = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn_out(self.fc(self.bn_in(x)))))
