@@ -364,3 +364,66 @@ def test_levit_like_attention_model_runs_every_pair_in_int8(tmp_path: Path, cli:
         ("MatMulIntegerToFloat",), ("DynamicQuantizeMatMul",)}
     emu = next(c for c in check["comparisons"] if c["reference"] == "emulation")
     assert emu["max_abs_error"] <= 1e-5 * emu["output_range"]
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_prepare_fold_export_check_on_the_digits(tmp_path: Path, cli: Any, samples: Path,
+                                                 backend: str) -> None:
+    """The user's path: prepare (W8A8) -> fold -> export --check; the int8 model onnxruntime
+    runs classifies held-out digits as the float model does, within 0.3 points."""
+    qat, folded, out = (tmp_path / n for n in ("qat.safetensors", "folded.safetensors", "m.onnx"))
+    r = cli("prepare", "-m", samples / "digits_mlp.py:DigitsMLP", "-w",
+            samples / "digits_mlp.safetensors", "--data", samples / "digits_calib.npz",
+            "--backend", backend, "-o", qat, "-q")
+    assert r.code == 0, r.err
+    assert cli("fold", qat, "-o", folded, "-q").code == 0
+    report = _export(cli, folded, samples / "digits_heldout.npz", out)
+    check = report["check"]
+    assert report["mode"] == "static" and check["passed"]
+    assert check["kernels"] == {"fc1": ["QGemm"], "fc2": ["QGemm"]}
+    assert all(e <= 1 for e in check["step_errors"].values())
+    sim = next(c for c in check["comparisons"] if c["reference"] == "simulation")
+    assert sim["top1_agreement"] >= 0.9975
+    meta = checkpoint.read_metadata(folded)
+    assert {q["input"]["dtype"] for q in meta["qparams"].values()} == {
+        "x86": {"quint8"}, "qnnpack": {"qint8"}}[backend]
+    # An independent look: onnxruntime's own accuracy against the float model's.
+    x, y = (np.load(samples / "digits_heldout.npz")[k] for k in ("inputs", "targets"))
+    got, _ = _ort(out, x, tmp_path)
+    float_model = _float_model_from(samples)
+    with torch.no_grad():
+        float_acc = float((float_model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    assert abs(float((got.argmax(1) == y).mean()) - float_acc) <= 0.003
+
+
+def _float_model_from(samples: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from sample_models.digits_mlp import DigitsMLP
+
+    model = DigitsMLP()
+    model.load_state_dict(load_file(samples / "digits_mlp.safetensors"))
+    return model.eval()
+
+
+def test_prepare_exclude_fold_export_token_wise(tmp_path: Path, cli: Any) -> None:
+    """Token-wise pairs through the whole pipeline, one pair excluded: the excluded Linear is
+    float in the graph, the other runs MatMulIntegerToFloat, and onnxruntime equals the
+    integer reference built from the written metadata."""
+    x = np.random.default_rng(9).standard_normal((150, 6, 12)).astype(np.float32)
+    model = export_models.randomized(export_models.Tokens(), 9)
+    ckpt, data = tmp_path / "float.safetensors", tmp_path / "data.npz"
+    checkpoint.write_safetensors(dict(model.state_dict()), ckpt, {})
+    np.savez(data, inputs=x)
+    qat, folded, out = (tmp_path / n for n in ("qat.safetensors", "folded.safetensors", "m.onnx"))
+    r = cli("prepare", "-m", f"{MODELS}:Tokens", "-w", ckpt, "--data", data, "-o", qat,
+            "--exclude", "fc2", "-q")
+    assert r.code == 0, r.err
+    assert cli("fold", qat, "-o", folded, "-q").code == 0
+    report = _export(cli, folded, data, out)
+    assert report["check"]["kernels"] == {"fc1": ["MatMulIntegerToFloat"]}
+    meta = checkpoint.read_metadata(folded)
+    assert "fc2" not in meta["qparams"]
+    got, _ = _ort(out, x, tmp_path)
+    _assert_matches(got, export_models.Tokens.reference(x, _reference(folded, meta)))
