@@ -99,7 +99,9 @@ def test_demo_runs_the_int8_model_in_onnxruntime(demo: dict[str, Any]) -> None:
     assert Path(o["file"]).is_file()
     # The int8 model onnxruntime runs classifies as the QAT simulation it was checked against.
     assert o["top1_agreement_vs_simulation"] >= 0.9975
-    assert abs(obj["onnxruntime_accuracy"] - obj["qat_accuracy"]["8"]) <= 0.003
+    assert o["mode"] == "static" and o["kernels"] == ["QGemm"]
+    assert abs(obj["onnxruntime_accuracy"] - obj["a8"]["qat_accuracy"]["8"]) <= 0.003
+    assert abs(obj["onnxruntime_accuracy"] - obj["float_accuracy"]) <= 0.003
 
 
 def test_demo_w8a8_rows(demo: dict[str, Any]) -> None:
