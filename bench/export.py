@@ -1,7 +1,7 @@
 """Inference speed of the exported int8 model: onnxruntime int8 vs onnxruntime float vs torch float.
 
-Two models, each folded by qatconv from a calibrated QAT checkpoint and exported with
-`qatconv.export`:
+Two models, each folded by qatconv from a calibrated QAT checkpoint (W8A8, `prepare`'s
+default) and exported with `qatconv.export`:
 
 - digits: the bundled digits MLP (64-128-64-10, two Linear+BN pairs);
 - mlp2048: 4 x (Linear(2048, 2048) + BatchNorm1d + ReLU), random weights and BN statistics.
@@ -15,8 +15,7 @@ Contenders, all single-threaded (the machine is shared; one thread each keeps th
 
 Samples/s at batch 1 and 256, medians over rounds that interleave the contenders (A B C D A B C
 D ...), so machine drift cancels in the ratios; file sizes of the ONNX files and the folded
-checkpoint. The W8A8 input qparams are min/max over the calibration data (x86: uint8 0..127)
-when `prepare` has not recorded them.
+checkpoint. The weight-only contender is the same fold with its input qparams dropped.
 
 Run: python bench/export.py [--rounds 5] [--seconds 0.4] [--json bench/out/export.json]
 """
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from qatconv import api, checkpoint, export
+from qatconv.atomic import write_atomic
 from qatconv.config import Mode, ModelConfig, QuantConfig, TrainConfig
 from qatconv.onnx_check import session
 
@@ -92,7 +92,8 @@ def _mlp2048_files(tmp: Path) -> tuple[str, Path, Path]:
 def _folded(tmp: Path, name: str, spec: str, weights: Path, calib: Path) -> Path:
     qat, folded = tmp / f"{name}_qat.safetensors", tmp / f"{name}_folded.safetensors"
     api.prepare(ModelConfig(spec=spec, weights=weights), calib, qat,
-                train=TrainConfig(mode=Mode.calibrate), quant=QuantConfig(), force=True)
+                train=TrainConfig(mode=Mode.calibrate), quant=QuantConfig(), force=True,
+                sensitivity=False)
     api.fold(folded, qat_checkpoint=qat, force=True)
     return folded
 
@@ -140,7 +141,7 @@ def _contenders(tmp: Path, name: str, spec: str, folded: Path, calib: Path,
     export.export(wonly, files["dynamic"], input_shape=(in_features,), force=True)
     model = api.load_folded(api.load_model(ModelConfig(spec=spec)).model, folded).eval()
     proto, _ = export.to_onnx(model, {}, torch.zeros(2, in_features), export.DEFAULT_OPSET)
-    checkpoint.write_bytes_atomic(files["float"], proto.SerializeToString())
+    write_atomic(files["float"], proto.SerializeToString())
     kernels: dict[str, str] = {}
     runs: dict[str, Callable[[np.ndarray], Any]] = {}
     for label, key in (("onnxruntime int8 (W8A8 QDQ)", "int8"),
