@@ -89,16 +89,18 @@ save_file(fused.state_dict(), {dst!r}, metadata={{"format": "pt"}})
     "qatconv fold_file": """
 from pathlib import Path
 from qatconv.folding import FoldPair, fold_file
+from qatconv.pair_record import PairRecord
 L = {layers}
-recs = [{{"linear": str(3 * i), "bn": str(3 * i + 1), "eps": 1e-5, "bias": True}} for i in range(L)]
+recs = [PairRecord(str(3 * i), str(3 * i + 1), str(3 * i), 1e-5, 0.1, 1, 1, True) for i in range(L)]
 pairs = [FoldPair.from_float_record(r) for r in recs]
 fold_file(Path({src!r}), Path({dst!r}), pairs, metadata={{}}, fsync={fsync})
 """,
     "qatconv fold_file (QAT layout, emit qparams)": """
 from pathlib import Path
 from qatconv.folding import FoldPair, fold_file
+from qatconv.pair_record import PairRecord
 L = {layers}
-recs = [{{"linear": str(3 * i), "qat": str(3 * i), "eps": 1e-5, "bias": True}} for i in range(L)]
+recs = [PairRecord(str(3 * i), str(3 * i + 1), str(3 * i), 1e-5, 0.1, 1, 1, True) for i in range(L)]
 pairs = [FoldPair.from_qat_record(r, quant_range=(-128, 127)) for r in recs]
 fold_file(Path({qat_src!r}), Path({dst!r}), pairs, metadata={{}}, emit_qparams=True)
 """,

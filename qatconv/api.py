@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from qatconv.emulate import IntegerCheck
     from qatconv.inspection import Inspection
     from qatconv.outputs import Outputs
+    from qatconv.pair_record import PairRecord
     from qatconv.pairs import PairScan
     from qatconv.qat import StepInfo
 
@@ -386,7 +387,7 @@ def prepare(
         )
     return PrepareReport(
         output=out,
-        pairs=records,
+        pairs=[r.to_json() for r in records],
         skipped=meta["skipped"],
         notes=loaded.notes,
         metrics=metrics,
@@ -431,7 +432,7 @@ def _as_float32(
 
 def _train_qat(
     model: nn.Module,
-    records: list[dict[str, Any]],
+    records: list[PairRecord],
     inputs: torch.Tensor,
     targets: torch.Tensor | None,
     train: TrainConfig,
@@ -520,14 +521,14 @@ def _qat_state(qat_model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tens
 
 def _qat_metadata(
     loaded: LoadedModel,
-    records: list[dict[str, Any]],
+    records: list[PairRecord],
     scan: PairScan,
     train: TrainConfig,
     quant: QuantConfig,
     data_sha256: str,
     dtype: torch.dtype,
     metrics: dict[str, Any],
-    excluded: list[dict[str, Any]],
+    excluded: list[PairRecord],
     exclude: Sequence[str],
 ) -> dict[str, Any]:
     """The ``qatconv`` metadata of a QAT checkpoint (what README.md says `prepare` records).
@@ -548,13 +549,13 @@ def _qat_metadata(
         extra["activations"] = {**scheme.to_json(), "observer": _INPUT_OBSERVER}
         extra["weight_scheme"] = quant.weight_scheme.to_json()
     if excluded:
-        extra["excluded"] = excluded
+        extra["excluded"] = [r.to_json() for r in excluded]
     return {
         **extra,
         "format_version": FORMAT_VERSION,
         "stage": "qat",
         "model": _model_meta(loaded),
-        "pairs": records,
+        "pairs": [r.to_json() for r in records],
         "skipped": _skipped_json(scan) + sens.excluded_skips(excluded, exclude),
         "pair_finder": scan.finder_json(),
         "backend": quant.backend.value,
@@ -597,13 +598,15 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
 
     cfg = _model_cfg_from_meta(meta, model_cfg)
     model = load_model(cfg).model.float()
-    _drop_bns_(model, meta.get("bn_before_linear") or [])  # folded before the QAT swap
-    validate.check_pairs_fit_model(model, validate.qat_records(meta, cfg.spec), cfg.spec)
+    # BN -> Linear folds were done before the QAT swap.
+    _drop_bns_(model, _bn_linear_paths(meta.get("bn_before_linear") or []))
+    records = validate.qat_records(meta, cfg.spec)
+    validate.check_pairs_fit_model(model, records, cfg.spec)
     quant = QuantConfig(Backend(meta.get("backend", "x86")), int(meta.get("weight_bits", 8)))
     # The recorded scheme, not today's table: the checkpoint's range is what it was trained with.
     acts = meta.get("activations")
     scheme = QuantScheme.from_json(acts) if acts is not None else None
-    qat.swap_pairs_(model, meta["pairs"], qat.make_qconfig(quant), scheme)
+    qat.swap_pairs_(model, records, qat.make_qconfig(quant), scheme)
     return model
 
 
@@ -710,7 +713,7 @@ def fold(
     return FoldResult(
         output=index[0] if index else out,
         files=files,
-        pairs=plan.records,
+        pairs=[r.to_json() for r in plan.records],
         skipped=plan.skipped,
         removed=list(report.removed),
         notes=plan.notes,
@@ -786,7 +789,7 @@ def _write_checked(
 class _FoldPlan:
     """The pairs a fold will fold, where the tensors come from, and its metadata extras."""
 
-    records: list[dict[str, Any]]
+    records: list[PairRecord]
     skipped: list[dict[str, Any]]
     fpairs: list[Any]  # folding.FoldPair
     source: Path
@@ -833,7 +836,7 @@ def _plan_qat_fold(
     records = validate.qat_records(meta, qat_checkpoint)
     # Pair weights are checked by the fold itself as it streams them (one read, not two).
     validate.check_qat_tensors(
-        qat_checkpoint, records, skip=frozenset(f"{r['qat']}.weight" for r in records)
+        qat_checkpoint, records, skip=frozenset(f"{r.qat}.weight" for r in records)
     )
     skipped = list(meta.get("skipped") or [])
     if not records and not allow_no_pairs:
@@ -861,8 +864,8 @@ def _plan_qat_fold(
 
 def _scheme_meta(
     meta: dict[str, Any],
-    records: list[dict[str, Any]],
-    excluded: list[dict[str, Any]],
+    records: list[PairRecord],
+    excluded: list[PairRecord],
     act: QuantScheme | None,
 ) -> dict[str, Any]:
     """Folded-metadata keys of a static W8A8 / mixed-precision QAT checkpoint (none for a
@@ -871,64 +874,64 @@ def _scheme_meta(
 
     extra: dict[str, Any] = {}
     if excluded:
-        extra["excluded"] = [r["linear"] for r in excluded]
+        extra["excluded"] = [r.linear for r in excluded]
     if act is None:
         return extra
     weight = QuantScheme.from_json(meta.get("weight_scheme"))
     extra["activations"] = meta["activations"]
     extra["weight_scheme"] = meta["weight_scheme"]
     extra["quantization_config"] = compressed_tensors_config(
-        weight, act, [r["linear"] for r in records], [r["linear"] for r in excluded])
+        weight, act, [r.linear for r in records], [r.linear for r in excluded])
     return extra
 
 
 def _qparams_meta(
     qat_checkpoint: Path,
     meta: dict[str, Any],
-    records: list[dict[str, Any]],
+    records: list[PairRecord],
     emit: bool,
     act: QuantScheme | None,
 ) -> dict[str, dict[str, Any]]:
     """Per pair: how its folded weight is quantized, with the trained per-channel scales
     (exact float32 values; `--emit-qparams` also writes them as tensors), and for static W8A8
     its input's ``InputQParams`` under ``input``."""
-    wanted = [f"{r['qat']}.{fq}.{t}" for r in records
+    wanted = [f"{r.qat}.{fq}.{t}" for r in records
               for fq in ("weight_fake_quant", "input_fake_quant") for t in ("scale", "zero_point")]
     values = _qat_small_tensors(qat_checkpoint, wanted)
     out = {}
     for r in records:
-        q = r["qat"]
+        q = r.qat
         entry: dict[str, Any] = {
             "scheme": meta.get("scheme", "per_channel_symmetric"),
             "axis": 0,
             "weight_bits": meta.get("weight_bits"),
             "quant_min": meta.get("quant_min"),
             "quant_max": meta.get("quant_max"),
-            "scale_tensor": f"{r['linear']}.weight_scale" if emit else None,
+            "scale_tensor": f"{r.linear}.weight_scale" if emit else None,
             "scale": values.get(f"{q}.weight_fake_quant.scale"),
         }
         if act is not None:
             entry["input"] = _input_qparams(qat_checkpoint, r, values, act).to_json()
-        out[r["linear"]] = entry
+        out[r.linear] = entry
     return out
 
 
 def _input_qparams(
-    path: Path, record: dict[str, Any], values: dict[str, list[float | int]], act: QuantScheme
+    path: Path, record: PairRecord, values: dict[str, list[float | int]], act: QuantScheme
 ) -> InputQParams:
-    q = record["qat"]
+    q = record.qat
     scale = values.get(f"{q}.input_fake_quant.scale")
     zp = values.get(f"{q}.input_fake_quant.zero_point")
     if not scale or not zp or len(scale) != 1 or len(zp) != 1:
         raise CheckpointError(
-            f"{path}: pair {record['linear']!r} has no input fake-quant scale / zero point "
+            f"{path}: pair {record.linear!r} has no input fake-quant scale / zero point "
             "(float32 / int32, one value each), yet the metadata says static W8A8",
             hint="re-run `qatconv prepare`",
         )
     try:
         return InputQParams(float(scale[0]), int(zp[0]), act.quant_min, act.quant_max, act.dtype)
     except ValueError as e:
-        raise CheckpointError(f"{path}: pair {record['linear']!r}: {e}") from None
+        raise CheckpointError(f"{path}: pair {record.linear!r}: {e}") from None
 
 
 def _plan_float_fold(
@@ -976,7 +979,7 @@ def _plan_float_fold(
     if streamed:  # the values are read from the file, a block at a time
         validate.check_file_tensors(
             model_cfg.weights, _running_vars(loaded.model, records),
-            skip=frozenset(f"{r['linear']}.weight" for r in records),
+            skip=frozenset(f"{r.linear}.weight" for r in records),
         )
     else:
         validate.check_model_state(loaded.model, records, model_cfg.weights)
@@ -1047,11 +1050,11 @@ def _pairs_on_meta(
     return LoadedModel(model, notes, cfg.spec, args=dict(cfg.args)), scan
 
 
-def _running_vars(model: nn.Module, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _running_vars(model: nn.Module, records: Sequence[PairRecord]) -> dict[str, Any]:
     """Every BatchNorm's ``running_var`` key -> (eps, folded by one of ``records``)."""
     from torch import nn
 
-    paired = {r["bn"] for r in records}
+    paired = {r.bn for r in records}
     return {f"{path}.running_var": (float(m.eps), path in paired)
             for path, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
@@ -1060,9 +1063,9 @@ def _running_vars(model: nn.Module, records: Sequence[dict[str, Any]]) -> dict[s
 def _fold_bn_before(
     model: nn.Module,
     state: dict[str, torch.Tensor],
-    records: list[dict[str, Any]],
+    records: list[PairRecord],
     candidates: Sequence[Any],
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[dict[str, torch.Tensor], list[PairRecord], list[dict[str, Any]]]:
     """Fold each BatchNorm1d -> Linear candidate into a copy of ``state``.
 
     Returns the new state, the pair records (the input-side fold may have given a Linear its
@@ -1077,19 +1080,19 @@ def _fold_bn_before(
     ]
     state = dict(state)  # the fold replaces entries; the loaded dict stays as read
     fold_mod.fold_bn_before_linear_(state, before)
-    records = [{**r, "bias": r["bias"] or f"{r['linear']}.bias" in state} for r in records]
+    records = [replace(r, bias=r.bias or f"{r.linear}.bias" in state) for r in records]
     return state, records, before
 
 
 def _fold_bn_before_model_(
-    model: nn.Module, records: list[dict[str, Any]], candidates: Sequence[Any]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    model: nn.Module, records: list[PairRecord], candidates: Sequence[Any]
+) -> tuple[list[PairRecord], list[dict[str, Any]]]:
     """Fold BatchNorm1d -> Linear candidates into the model itself (prepare, before the swap).
 
     Returns the pair records (biases updated) and the fold records.
     """
     state, records, before = _fold_bn_before(model, model.state_dict(), records, candidates)
-    _drop_bns_(model, before)
+    _drop_bns_(model, _bn_linear_paths(before))
     model.load_state_dict(state, strict=True)
     return records, before
 
@@ -1176,7 +1179,7 @@ def _torch_version() -> str | None:
 
 
 def _folded_meta(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[PairRecord],
     skipped: Sequence[dict[str, Any]],
     source: str,
     model_meta: dict[str, Any],
@@ -1187,11 +1190,11 @@ def _folded_meta(
         "stage": "folded",
         "source_stage": source,
         "model": model_meta,
-        "pairs": list(records),
-        "removed_bn": [r["bn"] for r in records]
+        "pairs": [r.to_json() for r in records],
+        "removed_bn": [r.bn for r in records]
         + [r["bn"] for r in extra.get("bn_before_linear", [])],
         "bias_added": sorted(
-            {r["linear"] for r in records if not r.get("bias", True)}
+            {r.linear for r in records if not r.bias}
             | {r["linear"] for r in extra.get("bn_before_linear", []) if not r["bias"]}
         ),
         "skipped": list(skipped),
@@ -1473,16 +1476,21 @@ def emulate_folded(
 # ---------------------------------------------------------------------------- load_folded
 
 
-def _drop_bns_(model: nn.Module, records: Sequence[dict[str, Any]]) -> None:
-    """Each record's BN becomes `nn.Identity`; its Linear gets a (zero) bias if it had none."""
+def _bn_linear_paths(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (BN, Linear) paths of BN -> Linear fold records."""
+    return [(r["bn"], r["linear"]) for r in records]
+
+
+def _drop_bns_(model: nn.Module, paths: Sequence[tuple[str, str]]) -> None:
+    """Each BN becomes `nn.Identity`; its Linear gets a (zero) bias if it had none."""
     import torch
     from torch import nn
 
     from qatconv.qat import _set_submodule
 
-    for record in records:
-        _set_submodule(model, record["bn"], nn.Identity())
-        linear = model.get_submodule(record["linear"])
+    for bn_path, linear_path in paths:
+        _set_submodule(model, bn_path, nn.Identity())
+        linear = model.get_submodule(linear_path)
         if linear.bias is None:
             linear.bias = nn.Parameter(
                 torch.zeros(linear.out_features, dtype=linear.weight.dtype,
@@ -1517,14 +1525,16 @@ def load_folded(model: nn.Module, path: Path | str) -> nn.Module:
             f"{path} is not a folded checkpoint (stage: {meta.get('stage', 'none')})",
             hint="fold it first: qatconv fold QAT.safetensors -o OUT.safetensors",
         )
-    validate.check_pairs_fit_model(model, validate.qat_records(meta, path), path)
-    _drop_bns_(model, [*meta.get("pairs", []), *meta.get("bn_before_linear", [])])
+    records = validate.qat_records(meta, path)
+    validate.check_pairs_fit_model(model, records, path)
+    _drop_bns_(model, [(r.bn, r.linear) for r in records]
+               + _bn_linear_paths(meta.get("bn_before_linear", [])))
     tensors = checkpoint.load_checkpoint(path).tensors
     qparam_keys = {
         k for k in tensors
         if k.endswith((".weight_scale", ".weight_zero_point", ".input_scale",
                        ".input_zero_point"))
-        and k.rsplit(".", 1)[0] in {r["linear"] for r in meta.get("pairs", [])}
+        and k.rsplit(".", 1)[0] in {r.linear for r in records}
     }
     tensors = {k: v for k, v in tensors.items() if k not in qparam_keys}
     checkpoint.load_into(model, tensors, source=str(path))

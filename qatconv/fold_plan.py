@@ -20,6 +20,7 @@ from qatconv import st_arrays
 from qatconv.dtypes import FLOAT_DTYPES, INT_DTYPES, has_st_dtype, st_dtype, torch_dtype
 from qatconv.errors import CheckpointError, UsageError
 from qatconv.fold_math import bn_scale, fold_bias
+from qatconv.pair_record import PairRecord
 
 if TYPE_CHECKING:
     import torch
@@ -86,36 +87,31 @@ class FoldPair:
     @classmethod
     def from_qat_record(
         cls,
-        record: Mapping[str, Any],
+        record: PairRecord,
         quant_range: tuple[int, int] | None = None,
         *,
         w8a8: bool = False,
     ) -> FoldPair:
-        """The pair of a QAT checkpoint: a ``LinearBn1d`` at ``record["qat"]``.
+        """The pair of a QAT checkpoint: a ``LinearBn1d`` at ``record.qat``.
 
         ``quant_range`` (the weight fake-quant's ``(quant_min, quant_max)``, e.g. from the
         checkpoint's metadata) is used when the record has no ``quant_min`` / ``quant_max``.
         ``w8a8``: the module also holds an ``input_fake_quant`` whose qparams are read.
-
-        Raises:
-            CheckpointError: the record lacks a field or has one of the wrong type.
         """
-        q = record_field(record, "qat", str)
-        linear = record_field(record, "linear", str)
-        has_bias = record_field(record, "bias", bool)
-        qmin, qmax = record.get("quant_min"), record.get("quant_max")
+        q = record.qat
+        qmin, qmax = record.extra.get("quant_min"), record.extra.get("quant_max")
         if not (isinstance(qmin, int) and isinstance(qmax, int)) and quant_range is not None:
             qmin, qmax = quant_range
         return cls(
-            linear=linear,
+            linear=record.linear,
             weight_key=f"{q}.weight",
-            bias_key=f"{q}.bias" if has_bias else None,
+            bias_key=f"{q}.bias" if record.bias else None,
             # LinearBn1d's BN is always affine; affine=False pairs are stored as ones/zeros.
             gamma_key=f"{q}.bn.weight",
             beta_key=f"{q}.bn.bias",
             mean_key=f"{q}.bn.running_mean",
             var_key=f"{q}.bn.running_var",
-            eps=float(record_field(record, "eps", (int, float))),
+            eps=float(record.eps),
             drop_prefixes=(f"{q}.bn.", f"{q}.weight_fake_quant.", f"{q}.activation_post_process.",
                            f"{q}.input_fake_quant."),
             scale_key=f"{q}.weight_fake_quant.scale",
@@ -127,27 +123,18 @@ class FoldPair:
         )
 
     @classmethod
-    def from_float_record(cls, record: Mapping[str, Any]) -> FoldPair:
-        """The pair of a float checkpoint: Linear at ``record["linear"]``, BN at ``record["bn"]``.
-
-        Raises:
-            CheckpointError: the record lacks a field or has one of the wrong type.
-        """
-        lin = record_field(record, "linear", str)
-        bn = record_field(record, "bn", str)
-        has_bias = record_field(record, "bias", bool)
-        affine = record.get("affine", True)
-        if not isinstance(affine, bool):
-            raise CheckpointError(f"pair record {record!r}: 'affine' must be true or false")
+    def from_float_record(cls, record: PairRecord) -> FoldPair:
+        """The pair of a float checkpoint: Linear at ``record.linear``, BN at ``record.bn``."""
+        lin, bn, affine = record.linear, record.bn, record.is_affine
         return cls(
             linear=lin,
             weight_key=f"{lin}.weight",
-            bias_key=f"{lin}.bias" if has_bias else None,
+            bias_key=f"{lin}.bias" if record.bias else None,
             gamma_key=f"{bn}.weight" if affine else None,
             beta_key=f"{bn}.bias" if affine else None,
             mean_key=f"{bn}.running_mean",
             var_key=f"{bn}.running_var",
-            eps=float(record_field(record, "eps", (int, float))),
+            eps=float(record.eps),
             drop_prefixes=(f"{bn}.",),
         )
 

@@ -89,6 +89,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qatconv.errors import DataError, describe
+from qatconv.pair_record import PairRecord
 
 __all__ = [
     "SKIP_CODES",
@@ -173,19 +174,10 @@ class Pair:
     token_wise: bool
     via: tuple[str, ...] = ()
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> PairRecord:
         """The pair record stored in checkpoint metadata."""
-        return {
-            "linear": self.linear,
-            "bn": self.bn,
-            "qat": self.linear,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias,
-            "affine": self.affine,
-        }
+        return PairRecord(self.linear, self.bn, self.linear, self.eps, self.momentum,
+                          self.in_features, self.out_features, self.bias, self.affine)
 
 
 @dataclass(frozen=True)
@@ -262,7 +254,7 @@ class PairScan:
             "trace_error": self.trace_error,
             "pairs": [
                 {
-                    **p.to_record(),
+                    **p.to_record().to_json(),
                     "verified": p.verified,
                     "token_wise": p.token_wise,
                     "via": list(p.via),

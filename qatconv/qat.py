@@ -50,6 +50,7 @@ from qatconv.outputs import (
 if TYPE_CHECKING:
     from qatconv.data import Rows
     from qatconv.distributed import Replica
+    from qatconv.pair_record import PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
 
 def swap_pairs_(
     model: nn.Module,
-    pairs: Sequence[dict],
+    pairs: Sequence[PairRecord],
     qconfig: object,
     input_scheme: QuantScheme | None = None,
     *,
@@ -253,7 +254,7 @@ def swap_pairs_(
 
     Args:
         model: modified in place (pass a deep copy to keep the float model).
-        pairs: pair records (``linear``, ``bn`` paths).
+        pairs: the pair records (their ``linear`` and ``bn`` paths).
         qconfig: from `make_qconfig`.
         input_scheme: the activation scheme (`QuantConfig.activation_scheme`); None for
             weight-only.
@@ -265,18 +266,18 @@ def swap_pairs_(
     """
     swapped: dict[str, nn.Module] = {}
     for pair in pairs:
-        linear = model.get_submodule(pair["linear"])
-        bn = model.get_submodule(pair["bn"])
+        linear = model.get_submodule(pair.linear)
+        bn = model.get_submodule(pair.bn)
         if not isinstance(linear, nn.Linear) or not isinstance(bn, nn.BatchNorm1d):
             raise BadInputError(
-                f"pair {pair['linear']} -> {pair['bn']} is not a Linear and a BatchNorm1d"
+                f"pair {pair.linear} -> {pair.bn} is not a Linear and a BatchNorm1d"
             )
         if bn.running_var is None or bn.running_mean is None:
-            raise BadInputError(f"{pair['bn']} tracks no running stats; it cannot be folded")
+            raise BadInputError(f"{pair.bn} tracks no running stats; it cannot be folded")
         qat = QatLinearBn1d.from_pair(linear, bn, qconfig, input_scheme, share_weights)
-        _set_submodule(model, pair["linear"], qat)
-        _set_submodule(model, pair["bn"], nn.Identity())
-        swapped[pair["linear"]] = qat
+        _set_submodule(model, pair.linear, qat)
+        _set_submodule(model, pair.bn, nn.Identity())
+        swapped[pair.linear] = qat
     return swapped
 
 
@@ -775,12 +776,12 @@ def deepcopy_model(model: nn.Module, share: Iterable[torch.Tensor] = ()) -> nn.M
     return copy_model(model, share=share)
 
 
-def pair_tensors(model: nn.Module, pairs: Sequence[dict]) -> list[torch.Tensor]:
+def pair_tensors(model: nn.Module, pairs: Sequence[PairRecord]) -> list[torch.Tensor]:
     """The parameters and buffers of the pairs' Linear and BN modules (those `swap_pairs_`
     replaces: a copy about to be swapped need not copy them)."""
     out: list[torch.Tensor] = []
     for pair in pairs:
-        for path in (pair["linear"], pair["bn"]):
+        for path in (pair.linear, pair.bn):
             mod = model.get_submodule(path)
             out += [*mod.parameters(), *mod.buffers()]
     return out

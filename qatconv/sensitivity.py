@@ -20,6 +20,7 @@ from qatconv.config import Activations, QuantConfig
 from qatconv.errors import UsageError
 from qatconv.modelcopy import copy_model
 from qatconv.outputs import flat_cat, forward_outputs
+from qatconv.pair_record import PairRecord
 
 # Samples the per-pair table runs on: the table ranks pairs, it needs no more.
 SENSITIVITY_SAMPLES = 1024
@@ -29,8 +30,8 @@ SENSITIVITY_AUTO_PAIRS = 32
 
 
 def split_excluded(
-    records: Sequence[dict[str, Any]], patterns: Sequence[str]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    records: Sequence[PairRecord], patterns: Sequence[str]
+) -> tuple[list[PairRecord], list[PairRecord]]:
     """Split pair records into (kept, excluded) by `--exclude` globs on the Linear's path.
 
     Returns:
@@ -43,8 +44,8 @@ def split_excluded(
     """
     kept, excluded = [], []
     for r in records:
-        (excluded if any(fnmatch.fnmatchcase(r["linear"], p) for p in patterns) else kept).append(r)
-    names = [r["linear"] for r in records]
+        (excluded if any(fnmatch.fnmatchcase(r.linear, p) for p in patterns) else kept).append(r)
+    names = [r.linear for r in records]
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise UsageError(
@@ -61,12 +62,12 @@ def split_excluded(
     return kept, excluded
 
 
-def excluded_skips(excluded: Sequence[dict[str, Any]], patterns: Sequence[str]) -> list[dict]:
+def excluded_skips(excluded: Sequence[PairRecord], patterns: Sequence[str]) -> list[dict]:
     """Skip entries (code ``excluded``) for the pairs `split_excluded` kept out."""
     out = []
     for r in excluded:
-        hit = next(p for p in patterns if fnmatch.fnmatchcase(r["linear"], p))
-        out.append({"linear": r["linear"], "bn": r["bn"], "code": "excluded",
+        hit = next(p for p in patterns if fnmatch.fnmatchcase(r.linear, p))
+        out.append({"linear": r.linear, "bn": r.bn, "code": "excluded",
                     "reason": f"matches --exclude {hit}: kept in float, its BN still folds"})
     return out
 
@@ -96,7 +97,7 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 def pair_sensitivity(
     float_model: nn.Module,
-    records: Sequence[dict[str, Any]],
+    records: Sequence[PairRecord],
     quant: QuantConfig,
     inputs: torch.Tensor,
     *,
@@ -122,7 +123,7 @@ def pair_sensitivity(
             qat.swap_pairs_(model, [record], qat.make_qconfig(quant), scheme)
             qat.calibrate_(model, x, batch_size=batch_size, recalibrate_bn=False)
             sqnr.append(sqnr_db(reference, _outputs(model, x, batch_size)))
-        table.append(PairSensitivity(record["linear"], sqnr[0], sqnr[1]))
+        table.append(PairSensitivity(record.linear, sqnr[0], sqnr[1]))
     return table
 
 

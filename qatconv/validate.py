@@ -16,8 +16,6 @@ Model code named by a checkpoint's metadata is vetted by `qatconv.modelspec.chec
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from qatconv import st_format
 from qatconv.dtypes import DTYPES, FLOAT_DTYPES, SIZES
 from qatconv.errors import CheckpointError
+from qatconv.pair_record import META_HINT as _META_HINT
+from qatconv.pair_record import PairRecord
 from qatconv.st_checkpoint import open_checkpoint
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ _VAR_HINT = (
 _BROKEN_VAR_HINT = (
     "a BatchNorm variance must be positive: the statistics are corrupt; re-export the checkpoint"
 )
-_META_HINT = "the checkpoint's qatconv metadata is damaged; re-run `qatconv prepare`"
 _BACKENDS = ("x86", "fbgemm", "qnnpack")
 _BLOCK_BYTES = 16 << 20  # read this much at a time when scanning a tensor for NaN/inf
 
@@ -52,7 +51,7 @@ _BLOCK_BYTES = 16 << 20  # read this much at a time when scanning a tensor for N
 
 def check_model_state(
     model: nn.Module,
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[PairRecord],
     source: object,
     *,
     stats_recomputed: bool = False,
@@ -81,7 +80,7 @@ def check_model_state(
             where = _nonfinite_where(t)
             if where:
                 problems.append((f"{name} has NaN/inf values in {where}", _NONFINITE_HINT))
-    paired = {str(r.get("bn")) for r in records}
+    paired = {r.bn for r in records}
     for path, m in model.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
@@ -129,12 +128,10 @@ def _raise_first(problems: list[tuple[str, str]], source: object) -> None:
 # ------------------------------------------------------------------------------ QAT metadata
 
 
-def qat_records(meta: Mapping[str, Any], source: object) -> list[dict[str, Any]]:
+def qat_records(meta: Mapping[str, Any], source: object) -> list[PairRecord]:
     """The pair records of a QAT checkpoint's ``qatconv`` metadata, validated.
 
-    Each record needs the agreed fields: ``linear``, ``bn``, ``qat`` (module paths),
-    ``eps`` (>= 0, finite), ``momentum`` (number or null), ``in_features`` / ``out_features``
-    (positive integers), ``bias`` / ``affine`` (booleans; ``affine`` may be absent). The
+    Each record is validated by `PairRecord.from_json`; no module may be in two pairs. The
     checkpoint-wide ``backend`` and ``weight_bits``, when present, must be ones qatconv knows.
 
     Raises:
@@ -159,56 +156,19 @@ def qat_records(meta: Mapping[str, Any], source: object) -> list[dict[str, Any]]
         raise CheckpointError(
             f"{source}: weight_bits {bits!r} in the qatconv metadata is not 2..8", hint=_META_HINT
         )
-    out: list[dict[str, Any]] = []
+    out: list[PairRecord] = []
     seen: set[str] = set()
-    for i, r in enumerate(pairs):
-        if not isinstance(r, dict):
-            raise CheckpointError(
-                f"{source}: pair {i} in the qatconv metadata is a {type(r).__name__}, not an "
-                "object", hint=_META_HINT,
-            )
-        label = r.get("linear") if isinstance(r.get("linear"), str) else f"#{i}"
-        for key in ("linear", "bn", "qat"):
-            if not isinstance(r.get(key), str) or not r[key]:
-                _bad_field(source, label, key, r.get(key))
-        eps = r.get("eps")
-        if not _is_number(eps) or not math.isfinite(eps) or eps < 0:
-            _bad_field(source, label, "eps", eps, "a number >= 0")
-        momentum = r.get("momentum")
-        if momentum is not None and (not _is_number(momentum) or not math.isfinite(momentum)):
-            _bad_field(source, label, "momentum", momentum, "a number or null")
-        for key in ("in_features", "out_features"):
-            v = r.get(key)
-            if not _is_int(v) or v <= 0:
-                _bad_field(source, label, key, v, "a positive integer")
-        for key in ("bias", "affine"):
-            if key in r and not isinstance(r[key], bool):
-                _bad_field(source, label, key, r[key], "true or false")
-        if "bias" not in r:
-            _bad_field(source, label, "bias", None, "true or false")
-        for key in ("linear", "bn", "qat"):
-            if r[key] in seen and not (key == "qat" and r["qat"] == r["linear"]):
+    for i, obj in enumerate(pairs):
+        r = PairRecord.from_json(obj, source, i)
+        for path, is_qat in ((r.linear, False), (r.bn, False), (r.qat, True)):
+            if path in seen and not (is_qat and r.qat == r.linear):
                 raise CheckpointError(
-                    f"{source}: module {r[key]!r} appears in two pairs of the qatconv metadata",
+                    f"{source}: module {path!r} appears in two pairs of the qatconv metadata",
                     hint=_META_HINT,
                 )
-        seen.update({r["linear"], r["bn"]})
+        seen.update({r.linear, r.bn})
         out.append(r)
     return out
-
-
-def _bad_field(source: object, label: object, key: str, value: object, want: str = "") -> None:
-    shown = json.dumps(value) if value is None or isinstance(value, (int, float, str)) else (
-        type(value).__name__
-    )
-    if len(shown) > 40:
-        shown = shown[:37] + "..."
-    need = f" (expected {want})" if want else ""
-    raise CheckpointError(
-        f"{source}: pair {label}: {key!r} is {'missing' if value is None else shown}{need} in "
-        "the qatconv metadata",
-        hint=_META_HINT,
-    )
 
 
 def _is_int(v: object) -> bool:
@@ -223,15 +183,14 @@ def _is_number(v: object) -> bool:
 
 
 def check_qat_tensors(
-    path: Path, records: Sequence[Mapping[str, Any]], *, skip: frozenset[str] = frozenset()
+    path: Path, records: Sequence[PairRecord], *, skip: frozenset[str] = frozenset()
 ) -> None:
     """Refuse a QAT checkpoint with NaN/inf weights or a paired running_var <= 0.
 
     Fake-quant state is not scanned (an observer that never ran holds +-inf bounds; fold checks
     the scales itself). See `check_file_tensors`.
     """
-    running_vars = {f"{r['qat']}.bn.running_var": (float(r.get("eps", 0.0)), True)
-                    for r in records}
+    running_vars = {f"{r.qat}.bn.running_var": (float(r.eps), True) for r in records}
     check_file_tensors(path, running_vars, skip=skip,
                        ignore=(".weight_fake_quant.", ".input_fake_quant."))
 
@@ -339,7 +298,7 @@ def _scan_nonfinite(fd: int, header: st_format.Header, name: str) -> int:
 
 
 def check_pairs_fit_model(
-    model: nn.Module, records: Iterable[Mapping[str, Any]], source: object
+    model: nn.Module, records: Iterable[PairRecord], source: object
 ) -> None:
     """Each record's ``linear`` is an ``nn.Linear`` and ``bn`` a ``BatchNorm1d`` of its size.
 
@@ -349,7 +308,7 @@ def check_pairs_fit_model(
     from torch import nn
 
     for r in records:
-        lin_path, bn_path = str(r.get("linear")), str(r.get("bn"))
+        lin_path, bn_path = r.linear, r.bn
         lin, bn = _submodule(model, lin_path), _submodule(model, bn_path)
         if lin is None or bn is None:
             missing = lin_path if lin is None else bn_path
@@ -364,13 +323,12 @@ def check_pairs_fit_model(
                 "BatchNorm1d",
                 hint="the checkpoint was made from another model: check --model / --model-arg",
             )
-        if bn.num_features != lin.out_features or r.get("out_features", lin.out_features) != (
-            lin.out_features
-        ) or r.get("in_features", lin.in_features) != lin.in_features:
+        if (bn.num_features != lin.out_features or r.out_features != lin.out_features
+                or r.in_features != lin.in_features):
             raise CheckpointError(
                 f"{source}: pair {lin_path} -> {bn_path}: the model's sizes "
                 f"({lin.in_features}->{lin.out_features}, BN {bn.num_features}) differ from the "
-                f"recorded {r.get('in_features')}->{r.get('out_features')}",
+                f"recorded {r.in_features}->{r.out_features}",
                 hint="check --model-arg: the checkpoint was made with other sizes",
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -342,8 +343,7 @@ def test_bn_linear_bn_chain(bias: bool, affine_in: bool) -> None:
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     fold_bn_before_linear_(sd, [{"bn": "bn_in", "linear": "fc", "eps": model.bn_in.eps}])
     assert "fc.bias" in sd  # created when the Linear had none
-    record = scan.pairs[0].to_record()
-    record["bias"] = True  # the input-side fold gave the Linear a bias
+    record = replace(scan.pairs[0].to_record(), bias=True)  # the input-side fold gave it one
     out = fold_state_dict(sd, [FoldPair.from_float_record(record)])
     assert not any(k.startswith(("bn_in.", "bn_out.")) for k in out)
     new = copy.deepcopy(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from qatconv import fold_stream, st_format
 from qatconv.dtypes import st_dtype
 from qatconv.errors import CheckpointError, OutputError, UsageError
 from qatconv.folding import FoldPair, fold_file, fold_state_dict, fold_weights
+from qatconv.pair_record import PairRecord
 
 QCONFIG = get_default_qat_qconfig("x86")
 # torch's default (fused) weight fake quant gives channels whose scaled weights are all
@@ -140,11 +142,11 @@ def test_fold_weights_rejects_mismatched_shapes() -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _record(lin: str, bn: str, out_f: int, in_f: int, bias: bool, **kw: Any) -> dict[str, Any]:
+def _record(lin: str, bn: str, out_f: int, in_f: int, bias: bool, **kw: Any) -> PairRecord:
     r = {"linear": lin, "bn": bn, "qat": lin, "eps": 1e-5, "momentum": 0.1,
          "in_features": in_f, "out_features": out_f, "bias": bias, "affine": True}  # fmt: skip
     r.update(kw)
-    return r
+    return PairRecord.from_json(r, "test")
 
 
 def _passthrough(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -230,10 +232,10 @@ def test_fold_file_float_checkpoint_equals_fold_state_dict(
     assert out.read_bytes() == save(expected, metadata={"format": "pt"})
     # Folded values: torch's float64 fold cast to the dtype.
     for r in records:
-        lin, bn = r["linear"], r["bn"]
+        lin, bn = r.linear, r.bn
         w_ref, b_ref = _to_float_reference(
             tensors[f"{lin}.weight"], tensors.get(f"{lin}.bias"),
-            tensors[f"{bn}.running_mean"], tensors[f"{bn}.running_var"], r["eps"],
+            tensors[f"{bn}.running_mean"], tensors[f"{bn}.running_var"], r.eps,
             tensors.get(f"{bn}.weight"), tensors.get(f"{bn}.bias"),
         )  # fmt: skip
         _same(expected[f"{lin}.weight"], w_ref.to(dtype))
@@ -423,10 +425,10 @@ def test_failures_write_nothing(tmp_path: Path) -> None:
     shape = dict(tensors, **{"mlp.1.running_mean": torch.zeros(12)})
     fails(shape, CheckpointError, "expected a float vector of the weight's 13 output channels")
     fails(tensors, UsageError, "emit-qparams", emit_qparams=True)
-    double = pairs + [FoldPair.from_float_record(records[0] | {"linear": "mlp.3"})]
+    double = pairs + [FoldPair.from_float_record(replace(records[0], linear="mlp.3"))]
     fails(tensors, CheckpointError, "appears in two pairs", pairs=double)
     # bias=false in the record while the checkpoint has the bias: refuse, do not write it twice.
-    no_bias = [FoldPair.from_float_record(records[0] | {"bias": False})]
+    no_bias = [FoldPair.from_float_record(replace(records[0], bias=False))]
     fails(tensors, CheckpointError, "'mlp.0.bias' twice", pairs=no_bias)
 
 
@@ -576,6 +578,6 @@ def test_pair_records() -> None:
     assert q.gamma_key == "a.lin.bn.weight" and q.scale_key == "a.lin.weight_fake_quant.scale"
     assert "a.lin.weight_fake_quant." in q.drop_prefixes and q.bias_key is None
     with pytest.raises(CheckpointError, match="'eps'"):
-        FoldPair.from_float_record(rec | {"eps": "1e-5"})
+        PairRecord.from_json(rec.to_json() | {"eps": "1e-5"}, "f")
     with pytest.raises(CheckpointError, match="'bias'"):
-        FoldPair.from_qat_record({k: v for k, v in rec.items() if k != "bias"})
+        PairRecord.from_json({k: v for k, v in rec.to_json().items() if k != "bias"}, "f")

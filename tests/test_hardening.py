@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from qatconv import api, validate
 from qatconv.errors import CheckpointError, ModelSpecError
+from qatconv.pair_record import PairRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -232,7 +233,7 @@ def test_zero_gamma_is_not_refused(tmp_path: Path, cli: Any) -> None:
 def test_qat_records_validation() -> None:
     good = {"linear": "fc1", "bn": "bn1", "qat": "fc1", "eps": 1e-5, "momentum": None,
             "in_features": 4, "out_features": 3, "bias": True, "affine": False}
-    assert validate.qat_records({"pairs": [good]}, "f") == [good]
+    assert [r.to_json() for r in validate.qat_records({"pairs": [good]}, "f")] == [good]
     assert validate.qat_records({"pairs": [{**good, "eps": 0}]}, "f")  # eps = 0 is a valid BN
     bad_values: list[tuple[str, object]] = [
         ("eps", -1.0), ("eps", float("nan")), ("eps", "1e-5"), ("eps", True), ("linear", 3),
@@ -271,12 +272,15 @@ def test_qat_tensor_scan_counts_rows(dtype: torch.dtype, tmp_path: Path,
 def test_pairs_must_fit_the_model() -> None:
     from sample_models.digits_mlp import DigitsMLP
 
-    rec = {"linear": "fc1", "bn": "bn1", "in_features": 64, "out_features": 128}
-    validate.check_pairs_fit_model(DigitsMLP(), [rec], "f")
+    rec = {"linear": "fc1", "bn": "bn1", "qat": "fc1", "eps": 1e-5, "momentum": 0.1,
+           "in_features": 64, "out_features": 128, "bias": True}
+    validate.check_pairs_fit_model(DigitsMLP(), [PairRecord.from_json(rec, "f")], "f")
     for change, word in (({"linear": "fc9"}, "no module 'fc9'"), ({"bn": "fc2"}, "Linear"),
                          ({"out_features": 7}, "sizes")):
         with pytest.raises(CheckpointError, match=word):
-            validate.check_pairs_fit_model(DigitsMLP(), [{**rec, **change}], "f")
+            validate.check_pairs_fit_model(
+                DigitsMLP(), [PairRecord.from_json({**rec, **change}, "f")], "f"
+            )
 
 
 def test_load_folded_refuses_records_for_another_model(tmp_path: Path) -> None:

@@ -229,7 +229,7 @@ def test_pair_record_and_json_schema() -> None:
         scan = find_pairs(model, inputs)
         for pair in scan.pairs:
             lin, bn = model.get_submodule(pair.linear), model.get_submodule(pair.bn)
-            assert pair.to_record() == {
+            assert pair.to_record().to_json() == {
                 "linear": pair.linear,
                 "bn": pair.bn,
                 "qat": pair.linear,

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from reference import pair_record
 from torch import nn
 
 from qatconv.config import Loss, Mode, Optimizer, QuantConfig, TrainConfig
@@ -184,7 +185,7 @@ def test_sgd_steps_with_freeze_schedule_match_hand_written_reference() -> None:
     cfg = TrainConfig(mode=Mode.finetune, steps=12, batch_size=8, lr=0.05, loss=Loss.mse,
                       optimizer=Optimizer.sgd, freeze_bn_after=5, freeze_observers_after=0, seed=3)
     qat_net = copy.deepcopy(net).double()
-    swap_pairs_(qat_net, [{"linear": "fc1", "bn": "bn1"}], QCONFIG)
+    swap_pairs_(qat_net, [pair_record(qat_net, "fc1", "bn1")], QCONFIG)
     qat_net.double()
     # Fake quant off: the float64 schedule itself is what is compared.
     import qatconv.qat as q
@@ -209,7 +210,7 @@ def test_recalibrate_bn_is_the_exact_average_over_the_data() -> None:
     net = _Net()
     x = torch.randn(50, 6)
     qat_net = copy.deepcopy(net)
-    swap_pairs_(qat_net, [{"linear": "fc1", "bn": "bn1"}], QCONFIG)
+    swap_pairs_(qat_net, [pair_record(qat_net, "fc1", "bn1")], QCONFIG)
     calibrate_(qat_net, x, batch_size=16, recalibrate_bn=True)
     z = net.fc1(x).double()
     torch.testing.assert_close(qat_net.fc1.bn.running_mean.double(), z.mean(0), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from reference import pair_record
 from torch import nn
 
 from qatconv.config import (
@@ -18,6 +19,7 @@ from qatconv.config import (
     QuantScheme,
     TrainConfig,
 )
+from qatconv.pair_record import PairRecord
 from qatconv.qat import (
     calibrate_,
     finetune_,
@@ -89,12 +91,13 @@ class _TwoPairs(nn.Module):
         return self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
 
 
-PAIRS = [{"linear": "fc1", "bn": "bn1"}, {"linear": "fc2", "bn": "bn2"}]
+PAIRS = [("fc1", "bn1"), ("fc2", "bn2")]
 
 
 def _w8a8(model: nn.Module, quant: QuantConfig = X86) -> nn.Module:
     qat = copy.deepcopy(model)
-    swap_pairs_(qat, PAIRS, make_qconfig(quant), quant.activation_scheme)
+    swap_pairs_(qat, [pair_record(qat, lin, bn) for lin, bn in PAIRS], make_qconfig(quant),
+                quant.activation_scheme)
     return qat
 
 
@@ -128,7 +131,7 @@ def test_calibrated_ranges_are_the_exact_min_max_over_the_data() -> None:
 
 def test_token_wise_input_is_quantized_per_tensor_over_all_tokens() -> None:
     qat = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).eval()
-    swap_pairs_(qat, [{"linear": "0", "bn": "1"}], make_qconfig(X86), X86.activation_scheme)
+    swap_pairs_(qat, [pair_record(qat, "0", "1")], make_qconfig(X86), X86.activation_scheme)
     x = torch.randn(4, 6, 5)  # (batch, tokens, features): BN normalizes the last axis
     calibrate_(qat, x, batch_size=2, recalibrate_bn=False)
     fq = qat[0].input_fake_quant
@@ -194,11 +197,11 @@ def test_backend_ranges_cannot_saturate_the_int16_pair_sum(backend: Backend) -> 
 def test_exclude_globs_match_the_linear_path() -> None:
     from qatconv.sensitivity import excluded_skips, split_excluded
 
-    recs = [{"linear": "blocks.0.fc", "bn": "blocks.0.bn"},
-            {"linear": "blocks.1.fc", "bn": "blocks.1.bn"}, {"linear": "head", "bn": "head_bn"}]
+    recs = [PairRecord(lin, bn, lin, 1e-5, 0.1, 4, 4, True) for lin, bn in
+            (("blocks.0.fc", "blocks.0.bn"), ("blocks.1.fc", "blocks.1.bn"), ("head", "head_bn"))]
     kept, out = split_excluded(recs, ["blocks.*.fc"])
-    assert [r["linear"] for r in kept] == ["head"]
-    assert [r["linear"] for r in out] == ["blocks.0.fc", "blocks.1.fc"]
+    assert [r.linear for r in kept] == ["head"]
+    assert [r.linear for r in out] == ["blocks.0.fc", "blocks.1.fc"]
     assert {s["code"] for s in excluded_skips(out, ["blocks.*.fc"])} == {"excluded"}
     from qatconv.errors import UsageError
 
@@ -226,7 +229,8 @@ def test_weight_only_sensitivity_equals_a_hand_quantized_fold() -> None:
     torch.manual_seed(0)
     model = _TwoPairs().eval()
     x = torch.randn(40, 6)
-    table = pair_sensitivity(model, PAIRS, X86, x, batch_size=16)
+    table = pair_sensitivity(model, [pair_record(model, lin, bn) for lin, bn in PAIRS], X86, x,
+                             batch_size=16)
     assert [t.linear for t in table] == ["fc1", "fc2"]
     with torch.no_grad():
         s = model.bn1.weight.double() / torch.sqrt(model.bn1.running_var.double() + model.bn1.eps)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qatconv import api, qat
 from qatconv.config import Activations, Backend, ModelConfig, QuantConfig, TrainConfig
+from qatconv.pair_record import PairRecord
 from qatconv.qat import QatLinearBn1d
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def test_weight_only_writes_what_it_always_wrote(tmp_path: Path) -> None:
 
     model = api.load_model(ModelConfig(spec=SPEC, weights=WEIGHTS)).model
     torch.manual_seed(0)
-    records = meta["pairs"]
+    records = [PairRecord.from_json(r, path) for r in meta["pairs"]]
     qat.swap_pairs_(model, records, qat.make_qconfig(QuantConfig()))
     qat.calibrate_(model, load_data(CALIB).inputs.float(), batch_size=TrainConfig().batch_size,
                    recalibrate_bn=False)
