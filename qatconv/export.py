@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,15 +274,15 @@ def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Ten
     from qatconv.outputs import flatten_outputs
     from qatconv.qat import _set_submodule
 
-    traced = copy_model(model)
+    inner = copy_model(model)
     for path in linears:
-        _set_submodule(traced, path, _Marker(traced.get_submodule(path), path))
+        _set_submodule(inner, path, _Marker(inner.get_submodule(path), path))
     buf = io.BytesIO()
-    with torch.no_grad():
-        out = traced(sample)
-        count = len(flatten_outputs(out).tensors)
-        names = ["output"] if isinstance(out, torch.Tensor) else [f"output_{i}"
-                                                                 for i in range(count)]
+    with torch.no_grad(), warnings.catch_warnings():
+        # The trace bakes the sample's shapes where model code reads them as Python numbers.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        names = list(flatten_outputs(inner(sample), batch=len(sample)).names)
+        traced = _FlatOutputs(inner, names)
         try:
             torch.onnx.export(
                 traced, (sample,), buf, dynamo=False, opset_version=opset,
@@ -298,6 +299,22 @@ def to_onnx(model: nn.Module, linears: dict[str, QuantLinear], sample: torch.Ten
     del proto.graph.value_info[:]  # stale shapes of the marker outputs
     onnx.checker.check_model(proto, full_check=True)
     return proto, lowered
+
+
+class _FlatOutputs(nn.Module):
+    """The model with its output flattened to its per-sample float tensors (`qatconv.outputs`):
+    the ONNX outputs, named like ``output`` or ``['logits']``, whatever structure it returns."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names  # the per-sample leaves, chosen on an untraced run
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from qatconv.outputs import flatten_outputs
+
+        flat = flatten_outputs(self.model(x))
+        return tuple(t for n, t in zip(flat.names, flat.tensors, strict=True) if n in self.names)
 
 
 class _Marker(nn.Module):

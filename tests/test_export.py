@@ -427,3 +427,35 @@ def test_prepare_exclude_fold_export_token_wise(tmp_path: Path, cli: Any) -> Non
     assert "fc2" not in meta["qparams"]
     got, _ = _ort(out, x, tmp_path)
     _assert_matches(got, export_models.Tokens.reference(x, _reference(folded, meta)))
+
+
+def test_structured_outputs_become_named_onnx_outputs(tmp_path: Path, cli: Any) -> None:
+    """A model returning a dict holding a dataclass of a named tuple (tests/models/structured.py)
+    exports its per-sample float tensors as named outputs, each equal to the integer reference
+    of the folded model computed in torch with the emulated Linears."""
+    from qatconv import api
+    from qatconv.config import ModelConfig
+
+    spec = f"{Path(export_models.__file__).parent / 'structured.py'}:MultiTask"
+    model = api.load_model(ModelConfig(spec=spec)).model
+    ckpt, data = tmp_path / "float.safetensors", tmp_path / "data.npz"
+    checkpoint.write_safetensors(dict(model.state_dict()), ckpt, {})
+    x = np.random.default_rng(10).standard_normal((64, 12)).astype(np.float32)
+    np.savez(data, inputs=x)
+    qat, folded = tmp_path / "qat.safetensors", tmp_path / "folded.safetensors"
+    assert cli("prepare", "-m", spec, "-w", ckpt, "--data", data, "-o", qat, "-q").code == 0
+    assert cli("fold", qat, "-o", folded, "-q").code == 0
+    _export(cli, folded, data, tmp_path / "m.onnx")
+    names = [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output]
+    assert names == ["['logits']", "['heads'].latent.mean", "['heads'].latent.logvar"]
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits, mean, _ = sess.run(None, {"input": x})
+    meta = checkpoint.read_metadata(folded)
+    linear = _reference(folded, meta)
+
+    def trunk(v: np.ndarray) -> np.ndarray:  # trunk: two quantized Linear+BN (+ReLU) blocks
+        return np.maximum(linear("trunk.1.0", np.maximum(linear("trunk.0.0", v), 0)), 0)
+
+    h = trunk(x)
+    _assert_matches(logits, linear("cls", h))
+    _assert_matches(mean, linear("mean", h))
