@@ -74,7 +74,7 @@ AllowNoPairsOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1, show_default=False,
-                 help="Compute threads [default: 1 for models whose widest Linear has < 1M "
+                 help="Compute threads \\[default: 1 for models whose widest Linear has < 1M "
                  "weights, else the CPUs this process may use (affinity, cgroup quota); "
                  "OMP_NUM_THREADS is honoured]."),
 ]
@@ -223,17 +223,33 @@ def _print_inspection(out: Output, ins: Any) -> None:
         unverified = {p.linear for p in ins.scan.unverified}
         out.table(_pair_table(scan["pairs"], scan["skipped"], unverified,
                               scan["bn_before_linear"]))
-    bad = [h for h in ins.bn_health if not h.ok]
-    if ins.bn_health:
-        if bad:
-            h = Table(title="BatchNorm health", title_justify="left")
-            for col in ("batchnorm", "channels", "gamma == 0", "var <= 1e-8", "non-finite"):
-                h.add_column(col)
-            for b in bad:
-                h.add_row(b.bn, str(b.channels), str(b.zero_gamma), str(b.tiny_var), str(b.nonfinite))
-            out.table(h)
-        else:
-            out.note(f"BatchNorm health: {len(ins.bn_health)} BatchNorm(s), no problem found")
+    _print_health(out, ins.bn_health)
+
+
+def _print_health(out: Output, health: list[Any]) -> None:
+    """BatchNorm1d health (what --strict checks); other kinds, never folded, labelled apart."""
+    from rich.table import Table
+
+    folded = [h for h in health if h.foldable_kind]
+    others = [h for h in health if not h.foldable_kind]
+    bad = [h for h in folded if not h.ok] + [h for h in others if not h.ok]
+    if bad:
+        t = Table(title="BatchNorm health", title_justify="left")
+        for col in ("batchnorm", "kind", "channels", "gamma == 0", "var <= 1e-8", "non-finite"):
+            t.add_column(col)
+        for b in bad:
+            kind = b.kind or "BatchNorm"
+            if not b.foldable_kind:
+                kind += " (never folded; not checked by --strict)"
+            t.add_row(b.bn, kind, str(b.channels), str(b.zero_gamma), str(b.tiny_var),
+                      str(b.nonfinite))
+        out.table(t)
+    elif folded:
+        out.note(f"BatchNorm health: {len(folded)} BatchNorm(s), no problem found")
+    if others:
+        kinds = ", ".join(sorted({h.kind or "" for h in others}))
+        out.note(f"{len(others)} other normalization layer(s) ({kinds}) are never folded: "
+                 "their health is not checked by --strict")
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -257,14 +273,14 @@ def prepare(
     lr: Annotated[float, typer.Option(help="Learning rate (Adam; small: the model is already trained).")] = 3e-4,
     loss: Annotated[Loss, typer.Option(help="distill: match the float model's outputs (no labels needed); mse / cross-entropy use the data's targets.")] = Loss.distill,
     optimizer: Annotated[Optimizer, typer.Option(help="Fine-tune optimizer.")] = Optimizer.adam,
-    freeze_bn_after: Annotated[int | None, typer.Option(help="Freeze BN running stats from this step on [default: steps/2].")] = None,
-    freeze_observers_after: Annotated[int | None, typer.Option(help="Freeze weight and input observers from this step on [default: 3*steps/4].")] = None,
+    freeze_bn_after: Annotated[int | None, typer.Option(help="Freeze BN running stats from this step on \\[default: steps/2].")] = None,
+    freeze_observers_after: Annotated[int | None, typer.Option(help="Freeze weight and input observers from this step on \\[default: 3*steps/4].")] = None,
     recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="Re-estimate BN stats over the data (exact averages) before anything else.")] = False,
     backend: Annotated[Backend, typer.Option(help="Target backend; qnnpack uses a narrow symmetric range.")] = Backend.x86,
     weight_bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
     activations: Annotated[Activations, typer.Option(help="int8: static W8A8, a per-tensor fake quant on each swapped Linear's input, ranged per backend (x86/fbgemm uint8 0..127, qnnpack int8); none: weight-only (dynamic or weight-only runtimes).")] = Activations.int8,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Glob on a Linear's path (repeatable): keep matching pairs out of quantization; fold still folds their BN in float. The sensitivity table says which to pick.", show_default=False)] = None,
-    sensitivity: Annotated[bool | None, typer.Option("--sensitivity/--no-sensitivity", help="Measure each pair's SQNR with only that pair quantized (two calibrations per pair on up to 1024 samples) [default: when there are at most 32 pairs].", show_default=False)] = None,
+    sensitivity: Annotated[bool | None, typer.Option("--sensitivity/--no-sensitivity", help="Measure each pair's SQNR with only that pair quantized (two calibrations per pair on up to 1024 samples) \\[default: when there are at most 32 pairs].", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and init; same inputs + seed = same file.")] = 0,
     device: Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")] = Device.cpu,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (torch.distributed: gloo on CPU, nccl with one GPU each): each global --batch-size batch is split across them, BN statistics and activation ranges are those of the global batch, rank 0 writes. Several machines: torchrun ... -m qatconv prepare.")] = 1,
@@ -339,8 +355,8 @@ def fold(
     model_arg: ModelArgOpt = None,
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint for a plain BN fold (with --model).")] = None,
     check: Annotated[Path | None, typer.Option("--check", help="Data to verify the folded model on (exit 4 beyond tolerance).")] = None,
-    atol: Annotated[float | None, typer.Option(help="Check: absolute tolerance [default: by dtype: F32 1e-4, F16 1e-2, BF16 5e-2, F64 1e-7].", show_default=False)] = None,
-    rtol: Annotated[float | None, typer.Option(help="Check: relative tolerance [default: as --atol].", show_default=False)] = None,
+    atol: Annotated[float | None, typer.Option(help="Check: absolute tolerance \\[default: by dtype: F32 1e-4, F16 1e-2, BF16 5e-2, F64 1e-7].", show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option(help="Check: relative tolerance \\[default: as --atol].", show_default=False)] = None,
     emit_qparams: Annotated[bool, typer.Option("--emit-qparams", help="Also write <linear>.weight_scale / .weight_zero_point tensors.")] = False,
     max_shard_size: Annotated[str | None, typer.Option(help="Split the output into shards of at most this size, e.g. 2GB.")] = None,
     target_column: TargetColOpt = None,
@@ -417,7 +433,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (13..20).")] = 17,
     check: Annotated[Path | None, typer.Option("--check", help="Data to run onnxruntime on against the integer emulation and the QAT simulation (exit 4 beyond tolerance or on float kernels; nothing written).")] = None,
     allow_float_kernels: Annotated[bool, typer.Option("--allow-float-kernels", help="Check: accept quantized Linears that onnxruntime runs in float.")] = False,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", help="One sample's shape without the batch axis, e.g. 16,64 [default: from --check data, or the first Linear's inputs].", show_default=False)] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="One sample's shape without the batch axis, e.g. 16,64 \\[default: from --check data, or the first Linear's inputs].", show_default=False)] = None,
     target_column: TargetColOpt = None,
     force: ForceOpt = False,
     threads: ThreadsOpt = None,

@@ -20,7 +20,17 @@ from qatconv import api
 from qatconv.config import Activations, Loss, Mode, ModelConfig, QuantConfig, TrainConfig
 from qatconv.errors import BadInputError
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+def _samples_dir() -> Path:
+    """The bundled samples: ``qatconv/_samples`` in an installed wheel, else the clone's
+    top-level ``sample_models/`` (an editable install or a checkout on PYTHONPATH)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "_samples"
+    return installed if (installed / "digits_mlp.safetensors").exists() else (
+        here.parent / "sample_models")
+
+
+SAMPLES = _samples_dir()
 SPEC = "digits_mlp.py:DigitsMLP"
 LOW_BITS = (4, 3, 2)
 PTQ_LOSS_POINTS = 0.02
@@ -85,7 +95,7 @@ def run(
     if not (SAMPLES / "digits_mlp.safetensors").exists():
         raise BadInputError(
             f"the bundled samples are missing ({SAMPLES})",
-            hint="run the demo from a clone of the qatconv repository (pip install -e .)",
+            hint="reinstall qatconv (the wheel carries them), or run from a clone",
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     spec = str(SAMPLES / SPEC)

@@ -37,10 +37,17 @@ class BnHealth:
     zero_gamma: int = 0
     tiny_var: int = 0
     nonfinite: int = 0
+    # The module's class with a model (None from a checkpoint alone: the kind is unknown).
+    kind: str | None = None
 
     @property
     def ok(self) -> bool:
         return not (self.zero_gamma or self.tiny_var or self.nonfinite)
+
+    @property
+    def foldable_kind(self) -> bool:
+        """Whether qatconv folds this kind (BatchNorm1d; unknown counts, to be safe)."""
+        return self.kind in (None, "BatchNorm1d")
 
     def problems(self) -> list[str]:
         out = []
@@ -72,7 +79,8 @@ class Inspection:
 
     @property
     def problems(self) -> list[str]:
-        out = [p for h in self.bn_health for p in h.problems()]
+        # BatchNorm2d & co. are never folded: their health is shown, never a --strict problem.
+        out = [p for h in self.bn_health if h.foldable_kind for p in h.problems()]
         out += [f"{name}: {n} non-finite value(s)" for name, n in self.nonfinite.items()]
         recorded = (self.qatconv or {}).get("unverified")
         if isinstance(recorded, list):  # a fold whose feature axis was never proven
@@ -104,6 +112,7 @@ class Inspection:
                     "zero_gamma": h.zero_gamma,
                     "tiny_var": h.tiny_var,
                     "nonfinite": h.nonfinite,
+                    "kind": h.kind,
                 }
                 for h in self.bn_health
             ],
@@ -246,8 +255,10 @@ def _health_from_model(model: nn.Module) -> list[BnHealth]:
             def arr(t: Any) -> Vector | None:
                 return None if t is None else t.detach().double().cpu().flatten().tolist()
 
-            out.append(_health(name, arr(mod.weight), arr(mod.bias), arr(mod.running_mean),
-                               arr(mod.running_var)))
+            health = _health(name, arr(mod.weight), arr(mod.bias), arr(mod.running_mean),
+                             arr(mod.running_var))
+            health.kind = type(mod).__name__
+            out.append(health)
     return out
 
 

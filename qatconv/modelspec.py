@@ -161,7 +161,10 @@ def _in_python_install(target: str) -> bool:
     for key in ("purelib", "platlib"):
         root = Path(paths[key]).resolve() if paths.get(key) else None
         if root is not None and file.is_relative_to(root):
-            top = file.relative_to(root).parts[0].removesuffix(".py")
+            parts = file.relative_to(root).parts
+            if parts[:2] == ("qatconv", "_samples"):  # the bundled sample models
+                return False
+            top = parts[0].removesuffix(".py")
             return top in _LOADER_PACKAGES or _in_stdlib(top)
     return False
 

@@ -4,6 +4,7 @@ one-line `error:` (+ at most one `hint:`) output. In-process through `qatconv.cl
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -527,3 +528,46 @@ def test_fold_bn_before_linear_is_for_the_plain_fold(
 ) -> None:
     r = cli("fold", qat_ckpt, "-o", tmp_path / "f.safetensors", "--fold-bn-before-linear")
     assert_error_lines(r, 2)
+
+
+def test_health_counts_batchnorm1d_and_labels_the_kinds_never_folded(
+    tmp_path: Path, cli: Any
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
+    from structured import ConvThenMLP
+
+    model = ConvThenMLP().eval()
+    with torch.no_grad():
+        model.bn2d.weight[1] = 0.0  # a dead BatchNorm2d channel: not qatconv's business
+        model.bn.running_var.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), ckpt)
+    spec = f"{Path(__file__).resolve().parent / 'models' / 'structured.py'}:ConvThenMLP"
+    data = tmp_path / "x.npz"
+    np.savez(data, inputs=np.random.default_rng(0).normal(size=(8, 1, 4, 4)).astype("float32"))
+    r = cli("inspect", ckpt, "--model", spec, "--data", data, "--strict", "--json")
+    assert r.code == 0, r.err
+    kinds = {h["bn"]: (h["kind"], h["zero_gamma"]) for h in r.json()["bn_health"]}
+    assert kinds == {"bn2d": ("BatchNorm2d", 1), "bn": ("BatchNorm1d", 0)}
+    assert r.json()["problems"] == []
+    r = cli("inspect", ckpt, "--model", spec, "--data", data)
+    assert "never folded" in r.err and "bn2d" in r.err
+    with torch.no_grad():
+        model.bn.weight[3] = 0.0  # the same problem in the BatchNorm1d: --strict exits 4
+    save_file(model.state_dict(), ckpt)
+    r = cli("inspect", ckpt, "--model", spec, "--data", data, "--strict", "--json")
+    assert r.code == 4 and r.json()["problems"] == ["bn: 1 channel(s) with gamma == 0"]
+
+
+def test_help_texts_show_their_bracketed_defaults(cli: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich read `[default: ...]` as markup and dropped it, leaving 'step on .' behind."""
+    monkeypatch.setenv("COLUMNS", "300")
+    texts = {cmd: cli(cmd, "--help").out for cmd in ("inspect", "prepare", "fold", "demo")}
+    for cmd, text in texts.items():
+        assert text and not re.search(r" \.[\s│]", text) and "\\[" not in text, cmd
+    assert "from this step on [default: steps/2]." in texts["prepare"]
+    assert "absolute tolerance [default: by dtype:" in texts["fold"]
+    assert "relative tolerance [default: as --atol]." in texts["fold"]

@@ -129,3 +129,17 @@ class BnSandwich(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.bn_out(self.fc(self.bn_in(x)))))
+
+
+class ConvThenMLP(nn.Module):
+    """A BatchNorm2d (never folded by qatconv) before a healthy Linear -> BatchNorm1d head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn2d = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(torch.relu(self.bn2d(self.conv(x))).flatten(1)))
