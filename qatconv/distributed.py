@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from qatconv.errors import QatconvError, UsageError
+from qatconv.errors import QatconvError, UsageError, describe
 from qatconv.threads import usable_cpus  # affinity and cgroup CPU quota
 
 if TYPE_CHECKING:
@@ -142,9 +142,8 @@ class RankFailedError(QatconvError):
         self.json = json
 
 
-def describe(e: BaseException) -> tuple[int, str, str | None]:
+def exit_status(e: BaseException) -> tuple[int, str, str | None]:
     """Exit code, message and hint of an exception, as `qatconv.cli.main` reports it."""
-
     if isinstance(e, QatconvError):
         return e.exit_code, e.message, e.hint
     if isinstance(e, KeyboardInterrupt):
@@ -157,8 +156,7 @@ def describe(e: BaseException) -> tuple[int, str, str | None]:
         return 1, lost, f"its log says why; collectives time out after {TIMEOUT_ENV} seconds"
     if isinstance(e, OSError):
         return 3, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", None
-    first = (str(e).strip().splitlines() or [""])[0]
-    return 1, f"internal error: {type(e).__name__}{': ' + first if first else ''}", \
+    return 1, f"internal error: {describe(e)}", \
         "this is a bug in qatconv: rerun with --debug and report the traceback"
 
 
@@ -201,7 +199,7 @@ def resolve_failure(launch: Launch, e: BaseException) -> RankFailedError:
     An error of this rank's own is published unless another rank's came first; a broken
     collective (or torchrun's SIGTERM after another rank died) adopts the published one.
     """
-    own = Failure(launch.rank, *describe(e))
+    own = Failure(launch.rank, *exit_status(e))
     try:
         store = _store()
         if isinstance(e, KeyboardInterrupt) or _is_peer_loss(e):
@@ -337,9 +335,14 @@ def session(device_name: str = "cpu") -> Iterator[Replica | None]:
     except RankFailedError:
         raise
     except BaseException as e:
-        if not dist.is_initialized():
-            raise
-        raise resolve_failure(launch, e) from e
+        if dist.is_initialized():
+            raise resolve_failure(launch, e) from e
+        if _is_peer_loss(e):  # the group never formed: nobody to tell, nothing to adopt
+            raise QatconvError(
+                f"rank {launch.rank}: could not join the other ranks: {describe(e)}",
+                hint="check that every rank started and can reach the rendezvous endpoint",
+            ) from e
+        raise
     finally:
         if dist.is_initialized():
             try:
