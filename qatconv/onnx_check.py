@@ -282,7 +282,7 @@ def _verdict(samples: int, comps: tuple[Comparison, ...], steps: dict[str, int],
              kernels: dict[str, list[str]], float_kernels: tuple[str, ...],
              allow_float_kernels: bool, accuracy: float | None,
              dynamic: bool = False) -> ExportCheck:
-    failures = [f for c in comps for f in _failures(c, dynamic)]
+    failures = [f for c in comps for f in _failures(c, dynamic, samples)]
     failures += [f"{p}: input codes differ from the emulation by {e} steps"
                  for p, e in steps.items() if e > MAX_STEP_ERROR]
     if float_kernels and not allow_float_kernels:
@@ -291,7 +291,7 @@ def _verdict(samples: int, comps: tuple[Comparison, ...], steps: dict[str, int],
                        tuple(failures), accuracy)
 
 
-def _failures(c: Comparison, dynamic: bool) -> list[str]:
+def _failures(c: Comparison, dynamic: bool, samples: int) -> list[str]:
     if c.reference == "simulation" and dynamic:
         return []  # weight-only QAT never simulated the dynamic activation quantization
     rel = FLOAT_REL_TOLERANCE if c.reference == "float" else REL_TOLERANCE
@@ -299,8 +299,11 @@ def _failures(c: Comparison, dynamic: bool) -> list[str]:
     if not c.max_abs_error <= rel * max(c.output_range, 1e-12):
         out.append(f"max abs error vs the {c.reference} {c.max_abs_error:.3g} > {rel:g} x "
                    f"output range {c.output_range:.3g}")
-    if c.top1_agreement is not None and c.top1_agreement < MIN_TOP1_AGREEMENT:
+    # One flipped sample is what a single rounding tie can do; on fewer than 400 samples it
+    # alone would be below the bar.
+    allowed = max(1, int((1 - MIN_TOP1_AGREEMENT) * samples + 1e-9))
+    if c.top1_agreement is not None and round((1 - c.top1_agreement) * samples) > allowed:
         out.append(f"top-1 agreement with the {c.reference} {c.top1_agreement:.2%} < "
-                   f"{MIN_TOP1_AGREEMENT:.2%}")
+                   f"{MIN_TOP1_AGREEMENT:.2%} ({allowed} differing sample(s) allowed)")
     return out
 
