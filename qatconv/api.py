@@ -368,8 +368,10 @@ def prepare(
     records, excluded = sens.split_excluded(all_records, exclude)
     validate.check_model_state(model, all_records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
-    qat_model, metrics = _train_qat(model, records, inputs, dataset.targets, train, quant,
-                                    on_step, warnings_, replica)  # fmt: skip
+    qat_model, metrics = _train_qat(
+        model, records, inputs, dataset.targets, train, quant, on_step, warnings_, replica,
+        weight_storage_dtype=_weight_storage_dtype(quant.activation_scheme is not None, orig_dtype),
+    )
     # After training, so the seeded run (and its file) does not depend on the table.
     table = sens.sensitivity_table(model, all_records, quant, inputs, batch_size=train.batch_size,
                                    requested=sensitivity if writer else False, note=note)
@@ -440,6 +442,8 @@ def _train_qat(
     on_step: Callable[[StepInfo], None] | None,
     warnings_: list[str],
     replica: Replica | None = None,
+    *,
+    weight_storage_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Swap the pairs for LinearBn1d, calibrate or fine-tune; the QAT model and its metrics."""
     import torch
@@ -456,7 +460,7 @@ def _train_qat(
              else qat.pair_tensors(float_model, records))
     qat_model = qat.deepcopy_model(float_model, share=share)
     qat.swap_pairs_(qat_model, records, qat.make_qconfig(quant), quant.activation_scheme,
-                    share_weights=calibrate)
+                    share_weights=calibrate, weight_storage_dtype=weight_storage_dtype)
     qat_model.to(device)
     if replica is not None:
         replica.synchronize_statistics_([m for _, m in qat.qat_modules(qat_model)])
@@ -606,8 +610,21 @@ def build_qat_model(meta: dict[str, Any], model_cfg: ModelConfig | None) -> nn.M
     # The recorded scheme, not today's table: the checkpoint's range is what it was trained with.
     acts = meta.get("activations")
     scheme = QuantScheme.from_json(acts) if acts is not None else None
-    qat.swap_pairs_(model, records, qat.make_qconfig(quant), scheme)
+    qat.swap_pairs_(model, records, qat.make_qconfig(quant), scheme,
+                    weight_storage_dtype=_weight_storage_dtype(scheme is not None,
+                                                               meta.get("dtype")))
     return model
+
+
+def _weight_storage_dtype(w8a8: bool, dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The 16-bit dtype a static-W8A8 model's folded weights are stored in, which its QAT
+    simulation rounds through (`QatLinearBn1d.weight_storage_dtype`); None otherwise, so
+    weight-only runs stay exactly as they were."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if w8a8 and dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _model_meta(loaded: LoadedModel) -> dict[str, Any]:

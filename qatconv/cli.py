@@ -354,7 +354,7 @@ def fold(
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Float checkpoint for a plain BN fold (with --model).")] = None,
-    check: Annotated[Path | None, typer.Option("--check", help="Data to verify the folded model on (exit 4 beyond tolerance).")] = None,
+    check: Annotated[Path | None, typer.Option("--check", help="Data to verify the folded model on (exit 4 beyond tolerance). W8A8 checkpoints: also an integer emulation of the folded int8 model against the QAT model with fake quant on (exit 4 beyond 1e-3 of the output range).")] = None,
     atol: Annotated[float | None, typer.Option(help="Check: absolute tolerance \\[default: by dtype: F32 1e-4, F16 1e-2, BF16 5e-2, F64 1e-7].", show_default=False)] = None,
     rtol: Annotated[float | None, typer.Option(help="Check: relative tolerance \\[default: as --atol].", show_default=False)] = None,
     emit_qparams: Annotated[bool, typer.Option("--emit-qparams", help="Also write <linear>.weight_scale / .weight_zero_point tensors.")] = False,

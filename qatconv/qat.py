@@ -163,10 +163,30 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
     optional input fake quant (static W8A8)."""
 
     input_fake_quant: nn.Module | None
+    # Static W8A8 from a 16-bit checkpoint: the dtype the folded weight is stored in. The scaled
+    # weight is rounded through it before the fake quant, so the simulation quantizes exactly
+    # the weight an int8 runtime reads from the folded file.
+    weight_storage_dtype: torch.dtype | None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.input_fake_quant = None  # a plain attribute until a module is assigned
+        self.weight_storage_dtype = None
+
+    def fold_scale64(self) -> torch.Tensor:
+        """The fold's per-channel scale in float64; 1 for gamma == 0 channels (exact: their
+        output is beta whatever the input)."""
+        gamma = self.bn.weight
+        scale64 = bn_scale64(gamma, self.bn.running_var, self.bn.eps)
+        return torch.where(gamma == 0, torch.ones_like(scale64), scale64)
+
+    def scaled_weight(self, scale64: torch.Tensor) -> torch.Tensor:
+        """``W * scale64[:, None]`` in float64, in the weight's dtype: the folded weight (through
+        `weight_storage_dtype` when set)."""
+        w = self.weight.double() * scale64.unsqueeze(1)
+        if self.weight_storage_dtype is not None:
+            w = w.to(self.weight_storage_dtype)
+        return w.to(self.weight.dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         lead = input.shape[:-1]
@@ -176,10 +196,8 @@ class QatLinearBn1d(_LinearBn1d):  # type: ignore[misc, valid-type]
         if ifq is not None and (bool(ifq.fake_quant_enabled[0]) or bool(ifq.observer_enabled[0])):
             input = ifq(input)
         bn = self.bn
-        gamma = bn.weight
-        scale64 = bn_scale64(gamma, bn.running_var, bn.eps)
-        scale64 = torch.where(gamma == 0, torch.ones_like(scale64), scale64)
-        scaled_weight = (self.weight.double() * scale64.unsqueeze(1)).to(self.weight.dtype)
+        scale64 = self.fold_scale64()
+        scaled_weight = self.scaled_weight(scale64)
         fq = self.weight_fake_quant
         if bool(fq.fake_quant_enabled[0]) or bool(fq.observer_enabled[0]):
             scaled_weight = fq(scaled_weight)
@@ -249,6 +267,7 @@ def swap_pairs_(
     input_scheme: QuantScheme | None = None,
     *,
     share_weights: bool = False,
+    weight_storage_dtype: torch.dtype | None = None,
 ) -> dict[str, nn.Module]:
     """Put a `QatLinearBn1d` at each pair's Linear path and `nn.Identity` at its BN path.
 
@@ -260,6 +279,8 @@ def swap_pairs_(
             weight-only.
         share_weights: the QAT modules hold the Linears' own weight and bias Parameters
             instead of clones (`QatLinearBn1d.from_pair`).
+        weight_storage_dtype: `QatLinearBn1d.weight_storage_dtype` (static W8A8 from a 16-bit
+            checkpoint).
 
     Returns:
         The QAT modules by path.
@@ -275,6 +296,7 @@ def swap_pairs_(
         if bn.running_var is None or bn.running_mean is None:
             raise BadInputError(f"{pair.bn} tracks no running stats; it cannot be folded")
         qat = QatLinearBn1d.from_pair(linear, bn, qconfig, input_scheme, share_weights)
+        qat.weight_storage_dtype = weight_storage_dtype
         _set_submodule(model, pair.linear, qat)
         _set_submodule(model, pair.bn, nn.Identity())
         swapped[pair.linear] = qat
@@ -340,10 +362,7 @@ def refresh_observers_(model: nn.Module) -> None:
             fq = mod.weight_fake_quant
             if not bool(fq.observer_enabled[0]):
                 continue
-            gamma = mod.bn.weight
-            scale64 = bn_scale64(gamma, mod.bn.running_var, mod.bn.eps)
-            scale64 = torch.where(gamma == 0, torch.ones_like(scale64), scale64)
-            fq((mod.weight.double() * scale64.unsqueeze(1)).to(mod.weight.dtype))
+            fq(mod.scaled_weight(mod.fold_scale64()))
 
 
 def match_fake_quant_shapes_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -222,7 +222,18 @@ def test_half_precision_checkpoints(dtype: torch.dtype, tmp_path: Path) -> None:
     result = api.fold(folded, qat_checkpoint=qat_path, check=HELDOUT, emit_qparams=True)
     assert result.check is not None and result.check.integer is not None
     assert result.check.integer.passed and result.check.integer.top1_agreement >= 0.99
+    # The simulation quantized the folded weight as stored (rounded through the 16-bit dtype),
+    # so no integer moved: what is left is the folded bias's 16-bit rounding.
+    assert result.check.integer.max_step_error < 0.5
     assert load_file(folded)["fc1.input_scale"].dtype == torch.float32
+    model = api.load_qat(qat_path)
+    assert model.fc1.weight_storage_dtype == dtype
+    with torch.no_grad():  # the simulated weight is the folded file's weight, quantized
+        sim_w = model.fc1.weight_fake_quant(model.fc1.scaled_weight(model.fc1.fold_scale64()))
+    got = load_file(folded)
+    w, s = got["fc1.weight"].float(), got["fc1.weight_scale"]
+    ints = torch.clamp(torch.round(w * (1 / s)), -128, 127)
+    assert torch.equal(ints * s, sim_w)
 
 
 def test_token_wise_pairs_quantize_their_inputs_per_tensor(tmp_path: Path) -> None:
