@@ -872,107 +872,30 @@ def _judge(
     sampled: bool,
     strict: bool,
 ) -> Pair | SkippedPair | None:
+    """Apply the pair rules, in order, to the BN at ``bn_node`` and the chain feeding it."""
     bpath = str(bn_node.target)
     bn = work.get_submodule(bpath)
-    lazy = facts.lazy
-    exact = type(bn) is nn.BatchNorm1d
     if chain.linear is None:
-        if not exact:
-            return None  # BatchNorm2d after a conv, SyncBatchNorm elsewhere: not our business
-        what = _describe(chain.stop)
-        if chain.via:
-            what += " (through " + ", ".join(_label(n, work) for n in chain.via) + ")"
-        return SkippedPair(
-            None,
-            bpath,
-            "not-adjacent",
-            f"BatchNorm1d '{bpath}' is fed by {what}, not by a Linear; only Linear -> "
-            "BatchNorm1d folds",
-        )
+        return _judge_unfed(work, bn, bpath, chain)
     lpath = str(chain.linear.target)
     lin = work.get_submodule(lpath)
-
-    def skip(code: str, why: str) -> SkippedPair:
-        return SkippedPair(lpath, bpath, code, why)
-
-    unsupported = _unsupported(bn, bpath, lin, lpath, lazy)
-    if unsupported:
-        return unsupported
-
     out = int(lin.out_features)
-    seen: set[fx.Node] = {chain.linear}
-    for node in chain.via:
-        op = _shape_op(node, work)
-        assert op is not None  # _walk_back only collects shape ops
-        kind = _static_kind(op, out, seen)
-        if kind == "moves":
-            return skip(
-                "shape-op-changes-axis",
-                f"{op.label}() between Linear '{lpath}' and BatchNorm1d '{bpath}' moves the "
-                "Linear's feature axis away from the last position",
-            )
-        if kind == "maybe":
-            shape = _shape(node) if sampled else None
-            if shape is None:
-                return skip(
-                    "shape-op-changes-axis",
-                    f"{op.label}() between Linear '{lpath}' and BatchNorm1d '{bpath}' cannot be "
-                    "shown to keep the feature axis last without a sample input",
-                )
-            if not shape or shape[-1] != out:
-                return skip(
-                    "shape-op-changes-axis",
-                    f"{op.label}() between Linear '{lpath}' and BatchNorm1d '{bpath}' turns the "
-                    f"{out} features into a last dimension of "
-                    f"{shape[-1] if shape else 'nothing'} (shape {tuple(shape)})",
-                )
-        seen.add(node)
-
-    problem = facts.reuse(lin, lpath)
-    if problem:
-        return skip(
-            "linear-reused",
-            f"{problem}; folding BatchNorm1d '{bpath}' into it would change its other uses",
-        )
-    problem = facts.reuse(bn, bpath)
-    if problem:
-        return skip("bn-reused", f"{problem}; it cannot fold into Linear '{lpath}' alone")
-
-    steps = [chain.linear, *chain.via]
-    for node, nxt in zip(steps, [*chain.via, bn_node]):
-        users = _value_users(node)
-        if users != [nxt]:
-            others = [_describe(u) for u in users if u is not nxt]
-            where = "output" if node is chain.linear else f"output after {_label(node, work)}()"
-            return skip(
-                "multiple-users",
-                f"the {where} of Linear '{lpath}' is also used by {', '.join(others)}, which "
-                f"would see the normalized values of BatchNorm1d '{bpath}' after folding",
-            )
-
-    if not _has_running_stats(bn):
-        return skip(
-            "no-running-stats",
-            f"BatchNorm1d '{bpath}' has no running statistics (track_running_stats=False), so "
-            f"it cannot fold into Linear '{lpath}'",
-        )
-    if int(bn.num_features) != out:
-        return skip(
-            "feature-mismatch",
-            f"BatchNorm1d '{bpath}' has num_features={bn.num_features} but Linear '{lpath}' "
-            f"has out_features={out}",
-        )
-
-    bn_in = _input_node(bn_node)
+    skipped = (
+        _unsupported(bn, bpath, lin, lpath, facts.lazy)
+        or _judge_shape_ops(work, chain, lpath, bpath, out, sampled)
+        or _reuse_skip("linear-reused", facts.reuse(lin, lpath), lpath, bpath)
+        or _reuse_skip("bn-reused", facts.reuse(bn, bpath), lpath, bpath)
+        or _judge_users(work, chain, bn_node, lpath, bpath)
+        or _stats_rule(lin, lpath, bn, bpath)
+    )
+    if skipped:
+        return skipped
     if sampled:
+        bn_in = _input_node(bn_node)
         shape = _shape(bn_in) if isinstance(bn_in, fx.Node) else None
-        if shape is None or len(shape) != 2 or shape[-1] != out:
-            return skip(
-                "wrong-axis",
-                f"on the sample, BatchNorm1d '{bpath}' gets shape {shape} from Linear "
-                f"'{lpath}': it normalizes dim 1, not the Linear's {out} features "
-                "(needs a 2D (N, C) input)",
-            )
+        wrong = _axis_rule(shape, out, lpath, bpath)
+        if wrong:
+            return wrong
         lin_shape = _shape(chain.linear)
         token_wise = lin_shape is not None and len(lin_shape) != 2
     else:
@@ -981,13 +904,119 @@ def _judge(
             for n in chain.via
         )
         if strict:
-            return skip(
-                "unverified",
-                f"no sample input, so the axis BatchNorm1d '{bpath}' normalizes after Linear "
-                f"'{lpath}' cannot be checked; strict mode skips it",
-            )
+            return _skip("unverified", lpath, bpath, why="no sample input")
     via = tuple(_label(n, work) for n in chain.via)
     return _make_pair(lin, lpath, bn, bpath, sampled, token_wise, via)
+
+
+def _judge_unfed(work: nn.Module, bn: nn.Module, bpath: str, chain: _Chain) -> SkippedPair | None:
+    """A BN no Linear feeds: a skip for a BatchNorm1d, nothing for other BNs."""
+    if type(bn) is not nn.BatchNorm1d:
+        return None  # BatchNorm2d after a conv, SyncBatchNorm elsewhere: not our business
+    what = _describe(chain.stop)
+    if chain.via:
+        what += " (through " + ", ".join(_label(n, work) for n in chain.via) + ")"
+    return _skip("not-adjacent", None, bpath, what=what)
+
+
+def _judge_shape_ops(
+    work: nn.Module, chain: _Chain, lpath: str, bpath: str, out: int, sampled: bool
+) -> SkippedPair | None:
+    """The shape-only ops between the Linear and the BN must keep the feature axis last."""
+    seen: set[fx.Node] = {chain.linear} if chain.linear is not None else set()
+    for node in chain.via:
+        op = _shape_op(node, work)
+        assert op is not None  # _walk_back only collects shape ops
+        kind = _static_kind(op, out, seen)
+        if kind == "moves":
+            return _skip("shape-op-changes-axis", lpath, bpath, op=op.label,
+                         how="moves the Linear's feature axis away from the last position")
+        if kind == "maybe":
+            shape = _shape(node) if sampled else None
+            if shape is None:
+                return _skip("shape-op-changes-axis", lpath, bpath, op=op.label,
+                             how="cannot be shown to keep the feature axis last without a "
+                             "sample input")
+            if not shape or shape[-1] != out:
+                return _skip("shape-op-changes-axis", lpath, bpath, op=op.label,
+                             how=f"turns the {out} features into a last dimension of "
+                             f"{shape[-1] if shape else 'nothing'} (shape {tuple(shape)})")
+        seen.add(node)
+    return None
+
+
+def _judge_users(
+    work: nn.Module, chain: _Chain, bn_node: fx.Node, lpath: str, bpath: str
+) -> SkippedPair | None:
+    """The Linear's output (and each step after it) must feed only the next step."""
+    assert chain.linear is not None
+    steps = [chain.linear, *chain.via]
+    for node, nxt in zip(steps, [*chain.via, bn_node], strict=True):
+        users = _value_users(node)
+        if users != [nxt]:
+            others = [_describe(u) for u in users if u is not nxt]
+            where = "output" if node is chain.linear else f"output after {_label(node, work)}()"
+            return _skip("multiple-users", lpath, bpath, where=where, others=", ".join(others))
+    return None
+
+
+# The message of each skip, by code (a suffix names a variant of the same rule): the traced
+# scan (`_judge`) and the fallback scan (`_judge_untraced`) use the same words for one rule.
+_SKIP_MESSAGES: dict[str, str] = {
+    "not-adjacent": "BatchNorm1d '{bn}' is fed by {what}, not by a Linear; only Linear -> "
+                    "BatchNorm1d folds",
+    "not-adjacent-sample": "on the sample, BatchNorm1d '{bn}' does not receive the output of "
+                           "Linear '{linear}', although they are neighbours in an nn.Sequential",
+    "shape-op-changes-axis": "{op}() between Linear '{linear}' and BatchNorm1d '{bn}' {how}",
+    "linear-reused": "{problem}; folding BatchNorm1d '{bn}' into it would change its other uses",
+    "linear-reused-calls": "Linear '{linear}' runs {n} times on the sample; folding "
+                           "BatchNorm1d '{bn}' into it would change its other calls",
+    "bn-reused": "{problem}; it cannot fold into Linear '{linear}' alone",
+    "bn-reused-calls": "BatchNorm1d '{bn}' runs {n} times on the sample; it cannot fold into "
+                       "Linear '{linear}' alone",
+    "multiple-users": "the {where} of Linear '{linear}' is also used by {others}, which would "
+                      "see the normalized values of BatchNorm1d '{bn}' after folding",
+    "no-running-stats": "BatchNorm1d '{bn}' has no running statistics "
+                        "(track_running_stats=False), so it cannot fold into Linear '{linear}'",
+    "feature-mismatch": "BatchNorm1d '{bn}' has num_features={features} but Linear '{linear}' "
+                        "has out_features={out}",
+    "wrong-axis": "on the sample, BatchNorm1d '{bn}' gets shape {shape} from Linear "
+                  "'{linear}': it normalizes dim 1, not the Linear's {out} features "
+                  "(needs a 2D (N, C) input)",
+    "unverified": "{why}, so the axis BatchNorm1d '{bn}' normalizes after Linear '{linear}' "
+                  "cannot be checked; strict mode skips it",
+}
+
+
+def _skip(message: str, lpath: str | None, bpath: str, **fields: object) -> SkippedPair:
+    """A skip worded by ``_SKIP_MESSAGES[message]``; its code is ``message`` without a
+    ``-sample`` / ``-calls`` variant suffix."""
+    code = message.removesuffix("-sample").removesuffix("-calls")
+    return SkippedPair(lpath, bpath, code,
+                       _SKIP_MESSAGES[message].format(linear=lpath, bn=bpath, **fields))
+
+
+def _reuse_skip(code: str, problem: str | None, lpath: str, bpath: str) -> SkippedPair | None:
+    return _skip(code, lpath, bpath, problem=problem) if problem else None
+
+
+def _stats_rule(lin: nn.Module, lpath: str, bn: nn.Module, bpath: str) -> SkippedPair | None:
+    """The BN must track running statistics and normalize the Linear's out_features."""
+    if not _has_running_stats(bn):
+        return _skip("no-running-stats", lpath, bpath)
+    if int(bn.num_features) != int(lin.out_features):
+        return _skip("feature-mismatch", lpath, bpath, features=bn.num_features,
+                     out=int(lin.out_features))
+    return None
+
+
+def _axis_rule(
+    shape: tuple[int, ...] | None, out: int, lpath: str, bpath: str
+) -> SkippedPair | None:
+    """On a sample, the BN's input must be (N, out): it normalizes dim 1."""
+    if shape is None or len(shape) != 2 or shape[-1] != out:
+        return _skip("wrong-axis", lpath, bpath, shape=shape, out=out)
+    return None
 
 
 def _label(node: fx.Node, work: nn.Module) -> str:
@@ -1158,73 +1187,29 @@ def _judge_untraced(
     strict: bool,
     lazy: frozenset[str],
 ) -> Pair | SkippedPair:
-    def skip(code: str, why: str) -> SkippedPair:
-        return SkippedPair(lpath, bpath, code, why)
-
-    unsupported = _unsupported(bn, bpath, lin, lpath, lazy)
-    if unsupported:
-        return unsupported
-    problem = _sharing_problem(lin, lpath, paths, names, {})
-    if problem:
-        return skip(
-            "linear-reused",
-            f"{problem}; folding BatchNorm1d '{bpath}' into it would change its other uses",
-        )
-    problem = _sharing_problem(bn, bpath, paths, names, {})
-    if problem:
-        return skip("bn-reused", f"{problem}; it cannot fold into Linear '{lpath}' alone")
-    if calls is not None:
-        outs, ins = calls.get(id(lin), []), calls.get(id(bn), [])
-        if len(outs) > 1:
-            return skip(
-                "linear-reused",
-                f"Linear '{lpath}' runs {len(outs)} times on the sample; "
-                f"folding BatchNorm1d '{bpath}' into it would change its other calls",
-            )
-        if len(ins) > 1:
-            return skip(
-                "bn-reused",
-                f"BatchNorm1d '{bpath}' runs {len(ins)} times on the sample; "
-                f"it cannot fold into Linear '{lpath}' alone",
-            )
-    if not _has_running_stats(bn):
-        return skip(
-            "no-running-stats",
-            f"BatchNorm1d '{bpath}' has no running statistics (track_running_stats=False), so "
-            f"it cannot fold into Linear '{lpath}'",
-        )
-    out = int(lin.out_features)
-    if int(bn.num_features) != out:
-        return skip(
-            "feature-mismatch",
-            f"BatchNorm1d '{bpath}' has num_features={bn.num_features} but Linear '{lpath}' "
-            f"has out_features={out}",
-        )
+    """The pair rules of `_judge` for neighbours in an nn.Sequential (no graph), same order."""
+    outs, ins = (calls.get(id(lin), []), calls.get(id(bn), [])) if calls is not None else ([], [])
+    skipped = (
+        _unsupported(bn, bpath, lin, lpath, lazy)
+        or _reuse_skip("linear-reused", _sharing_problem(lin, lpath, paths, names, {}), lpath,
+                       bpath)
+        or _reuse_skip("bn-reused", _sharing_problem(bn, bpath, paths, names, {}), lpath, bpath)
+        or (_skip("linear-reused-calls", lpath, bpath, n=len(outs)) if len(outs) > 1 else None)
+        or (_skip("bn-reused-calls", lpath, bpath, n=len(ins)) if len(ins) > 1 else None)
+        or _stats_rule(lin, lpath, bn, bpath)
+    )
+    if skipped:
+        return skipped
     verified = False
-    token_wise = False
-    if calls is not None:
-        outs, ins = calls.get(id(lin), []), calls.get(id(bn), [])
-        if len(outs) == 1 and len(ins) == 1:
-            if ins[0] is not outs[0]:
-                return skip(
-                    "not-adjacent",
-                    f"on the sample, BatchNorm1d '{bpath}' does not receive the output of Linear "
-                    f"'{lpath}', although they are neighbours in an nn.Sequential",
-                )
-            shape = tuple(ins[0].shape) if isinstance(ins[0], torch.Tensor) else None
-            if shape is None or len(shape) != 2 or shape[-1] != out:
-                return skip(
-                    "wrong-axis",
-                    f"on the sample, BatchNorm1d '{bpath}' gets shape {shape} from Linear "
-                    f"'{lpath}': it normalizes dim 1, not the Linear's {out} features "
-                    "(needs a 2D (N, C) input)",
-                )
-            verified = True
+    if len(outs) == 1 and len(ins) == 1:
+        if ins[0] is not outs[0]:
+            return _skip("not-adjacent-sample", lpath, bpath)
+        shape = tuple(ins[0].shape) if isinstance(ins[0], torch.Tensor) else None
+        wrong = _axis_rule(shape, int(lin.out_features), lpath, bpath)
+        if wrong:
+            return wrong
+        verified = True
     if not verified and strict:
         why = "no sample input" if calls is None else "the sample did not run both modules"
-        return skip(
-            "unverified",
-            f"{why}, so the axis BatchNorm1d '{bpath}' normalizes after Linear '{lpath}' "
-            "cannot be checked; strict mode skips it",
-        )
-    return _make_pair(lin, lpath, bn, bpath, verified, token_wise, ())
+        return _skip("unverified", lpath, bpath, why=why)
+    return _make_pair(lin, lpath, bn, bpath, verified, False, ())
