@@ -9,7 +9,7 @@ Tolerances:
 - folded tensors vs the float64 fold: ``atol=0, rtol=2**-23`` (at most one float32 ulp: this
   file's ``1 / sqrt`` and the library's ``rsqrt`` may round the last float64 bit differently
   before the cast).
-- model outputs: ``max|got - ref| <= 1e-5 * max|ref|`` (REL). Folding moves float32 rounding
+- model outputs: ``max|got - ref| <= 1e-5 * max|ref|`` (reference.REL). Folding moves float32 rounding
   (~6e-8 of each intermediate's magnitude) around; an element-wise relative error is
   meaningless for outputs near zero, so the bound is relative to the output's scale.
 """
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import assert_rel_close, bn_scale64, fold_state64
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -37,7 +38,6 @@ from sample_models.tabular_resnet import TabularResNet
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
-REL = 1e-5
 ULP32 = 2.0**-23
 
 
@@ -71,32 +71,6 @@ DIGITS = SAMPLE_MODELS["digits"]
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def fold64(state: dict[str, torch.Tensor], linear: str, bn: str, eps: float,
-           prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode BN fold in float64 from raw tensors, cast to the weight's dtype.
-
-    ``prefix``: where the BN's tensors live relative to ``bn`` (e.g. a QAT checkpoint keeps
-    them under ``<linear>.bn``).
-    """
-    w = state[f"{linear}.weight"]
-    out = w.shape[0]
-    b = state.get(f"{linear}.bias", torch.zeros(out)).double()
-    gamma = state.get(f"{prefix or bn}.weight", torch.ones(out)).double()
-    beta = state.get(f"{prefix or bn}.bias", torch.zeros(out)).double()
-    mean = state[f"{prefix or bn}.running_mean"].double()
-    var = state[f"{prefix or bn}.running_var"].double()
-    s = gamma / torch.sqrt(var + eps)
-    return (w.double() * s[:, None]).to(w.dtype), ((b - mean) * s + beta).to(w.dtype)
-
-
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float = REL) -> None:
-    assert got.shape == ref.shape
-    assert bool(torch.isfinite(got).all()), "non-finite outputs"
-    err = float((got.double() - ref.double()).abs().max())
-    scale = float(ref.double().abs().max())
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * max|ref| ({scale:.3g})"
 
 
 def assert_ulp_equal(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -158,7 +132,7 @@ def check_folded_file(sample: Sample, folded: Path) -> None:
     eps = {p["linear"]: p["eps"] for p in metadata(folded)["pairs"]}
     assert sorted(eps) == sorted(lin for lin, _ in sample.pairs)
     for lin, bn in sample.pairs:
-        w, b = fold64(src, lin, bn, eps[lin])
+        w, b = fold_state64(src, lin, bn, eps[lin])
         assert_ulp_equal(got[f"{lin}.weight"], w)
         assert_ulp_equal(got[f"{lin}.bias"], b)
     folded_linears = {f"{lin}.{t}" for lin, _ in sample.pairs for t in ("weight", "bias")}
@@ -346,7 +320,7 @@ def test_fold_of_finetuned_checkpoint_matches_qat_without_fake_quant(
     # And the folded tensors are the float64 fold of the fine-tuned tensors.
     q, got = load_file(finetuned["qat"]), load_file(finetuned["folded"])
     for p in meta["pairs"]:
-        w, b = fold64(q, p["qat"], p["bn"], p["eps"], prefix=f"{p['qat']}.bn")
+        w, b = fold_state64(q, p["qat"], p["bn"], p["eps"], prefix=f"{p['qat']}.bn")
         assert_ulp_equal(got[f"{p['linear']}.weight"], w)
         assert_ulp_equal(got[f"{p['linear']}.bias"], b)
 
@@ -369,7 +343,7 @@ def test_emit_qparams_reproduce_the_qat_fake_quantized_weight(finetuned: dict[st
         # (observer off, so its stored qparams) applied to W * gamma / sqrt(var + eps).
         qb = f"{p['qat']}.bn"
         gamma = q[f"{qb}.weight"].double()
-        s = gamma / torch.sqrt(q[f"{qb}.running_var"].double() + p["eps"])
+        s = bn_scale64(q[f"{qb}.running_var"], p["eps"], gamma)
         scaled = (q[f"{p['qat']}.weight"].double() * s[:, None]).float()
         fq = qat_model.get_submodule(p["qat"]).weight_fake_quant
         assert not bool(fq.observer_enabled[0])

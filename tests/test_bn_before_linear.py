@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import assert_rel_close
 from safetensors.torch import save_file
 from torch import nn
 
@@ -210,12 +211,6 @@ def _folded_model(
     return new.eval()
 
 
-def _assert_close_rel(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-    err = float((got.double() - ref.double()).abs().max())
-    scale = float(ref.double().abs().max())
-    assert err <= rtol * scale, (err, scale)
-
-
 @pytest.mark.parametrize(("affine", "bias"), [(True, True), (False, False), (True, False)])
 def test_state_dict_fold_in_place(affine: bool, bias: bool) -> None:
     model = _BnLinear(6, 4, affine=affine, bias=bias, seed=5).eval()
@@ -234,7 +229,7 @@ def test_state_dict_fold_in_place(affine: bool, bias: bool) -> None:
     with torch.no_grad():
         ref = model.double()(x.double())
         got = _folded_model(model.float(), [("norm", "fc")], sd)(x)
-    _assert_close_rel(got, ref, 1e-5)
+    assert_rel_close(got, ref, 1e-5)
 
 
 def test_state_dict_fold_missing_keys_name_the_key_and_change_nothing() -> None:
@@ -301,7 +296,7 @@ def test_edge_case_end_to_end(name: str) -> None:
     xs = torch.cat([x, torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(9))])
     with torch.no_grad():
         ref, got = model(xs), new(xs)
-    _assert_close_rel(got, ref, 1e-5)
+    assert_rel_close(got, ref, 1e-5)
     assert not any(isinstance(new.get_submodule(r["bn"]), nn.BatchNorm1d) for r in records)
     # The fold is not a no-op: leaving the BN out without folding changes the outputs.
     plain = copy.deepcopy(model)
@@ -352,7 +347,7 @@ def test_bn_linear_bn_chain(bias: bool, affine_in: bool) -> None:
         new.fc.bias = nn.Parameter(torch.zeros(8))
     new.load_state_dict(out, strict=True)
     with torch.no_grad():
-        _assert_close_rel(new.eval()(x), model(x), 1e-5)
+        assert_rel_close(new.eval()(x), model(x), 1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ References are computed here: the unfused float model (this test's own import of
 with the checkpoint this test saved) and the float64 eval-mode BN fold of its raw tensors.
 Tolerances: folded tensors within one float32 ulp of the float64 fold (``1 / sqrt`` here vs
 ``rsqrt`` in the library may round the last float64 bit differently); model outputs within
-``1e-5 * max|ref|`` (REL: float32 rounding moves around when BN is folded, and an element-wise
+``1e-5 * max|ref|`` (reference.REL: float32 rounding moves around when BN is folded, and an element-wise
 relative error means nothing for outputs near zero).
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import assert_rel_close, bn_scale64, fold_state64
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,7 +30,6 @@ from qatconv.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
-REL = 1e-5
 ULP32 = 2.0**-23
 
 UNSEEN = '''
@@ -238,26 +238,6 @@ def metadata(path: Path) -> dict[str, Any]:
     return json.loads(meta["qatconv"])
 
 
-def fold64(state: dict[str, torch.Tensor], linear: str, bn: str,
-           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    w = state[f"{linear}.weight"]
-    out = w.shape[0]
-    b = state.get(f"{linear}.bias", torch.zeros(out)).double()
-    gamma = state.get(f"{bn}.weight", torch.ones(out)).double()
-    beta = state.get(f"{bn}.bias", torch.zeros(out)).double()
-    s = gamma / torch.sqrt(state[f"{bn}.running_var"].double() + eps)
-    b_out = (b - state[f"{bn}.running_mean"].double()) * s + beta
-    return (w.double() * s[:, None]).to(w.dtype), b_out.to(w.dtype)
-
-
-def assert_rel_close(got: torch.Tensor, ref: torch.Tensor, rel: float = REL) -> None:
-    assert got.shape == ref.shape
-    assert bool(torch.isfinite(got).all()), "non-finite outputs"
-    err = float((got.double() - ref.double()).abs().max())
-    scale = float(ref.double().abs().max())
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * max|ref| ({scale:.3g})"
-
-
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -319,7 +299,7 @@ def test_unseen_model_prepare_fold_equals_the_float_model(
     added = {f"{lin}.bias" for lin in cls.BIAS_ADDED}
     assert set(got) == (set(src) - bn_keys) | added
     for lin, bn in cls.PAIRS:
-        w, b = fold64(src, lin, bn, eps[lin])
+        w, b = fold_state64(src, lin, bn, eps[lin])
         torch.testing.assert_close(got[f"{lin}.weight"], w, atol=0.0, rtol=ULP32)
         torch.testing.assert_close(got[f"{lin}.bias"], b, atol=0.0, rtol=ULP32)
 
@@ -356,7 +336,7 @@ def test_emit_qparams_on_zero_gamma_and_all_positive_channels(
     deployed = torch.fake_quantize_per_channel_affine(
         got["fc.weight"], scale.flatten(), zp.flatten().to(torch.int32), 0, qmin, qmax)
     gamma = q["fc.bn.weight"].double()
-    s = gamma / torch.sqrt(q["fc.bn.running_var"].double() + meta["pairs"][0]["eps"])
+    s = bn_scale64(q["fc.bn.running_var"], meta["pairs"][0]["eps"], gamma)
     scaled = (q["fc.weight"].double() * s[:, None]).float()
     qat_model = api.load_qat(qat_path)
     fq = qat_model.get_submodule("fc").weight_fake_quant

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference import fold_modules64
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -89,9 +90,6 @@ def test_plain_fold_with_bn_before_linear_through_dropout(tmp_path: Path) -> Non
     tensors = load_file(folded)
     assert not any(k.startswith("head.bn.") for k in tensors)
     # Independent check of the head: W' = W diag(s), b' = b + W (beta - mean * s), float64.
-    bn, lin = model.head.bn, model.head.linear
-    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    w_ref = lin.weight.double() * s[None, :]
-    b_ref = lin.bias.double() + lin.weight.double() @ (bn.bias.double() - bn.running_mean.double() * s)
+    w_ref, b_ref = fold_modules64(model.head.bn, model.head.linear)
     torch.testing.assert_close(tensors["head.linear.weight"].double(), w_ref, rtol=2**-23, atol=1e-7)
     torch.testing.assert_close(tensors["head.linear.bias"].double(), b_ref, rtol=2**-23, atol=1e-7)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from reference import fold_into_model_
 from torch import nn
 
 from qatconv.errors import DataError
@@ -25,51 +26,14 @@ CHANGED_RTOL = 1e-3
 # --------------------------------------------------------------------------- reference folds
 
 
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
 def fold_linear_bn_(model: nn.Module, linear: str, bn: str) -> None:
-    """Reference fold, float64: W' = W * s, b' = (b - mean) * s + beta; BN -> Identity.
-
-    The Linear's tensors are written in place so that tied / aliased uses see the change, as they
-    would in a folded checkpoint.
-    """
-    lin, norm = model.get_submodule(linear), model.get_submodule(bn)
-    with torch.no_grad():
-        w = lin.weight.double()
-        b = lin.bias.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-        gamma = norm.weight.double() if norm.affine else torch.ones_like(b)
-        beta = norm.bias.double() if norm.affine else torch.zeros_like(b)
-        s = gamma / torch.sqrt(norm.running_var.double() + norm.eps)
-        lin.weight.copy_(w * s[:, None])
-        new_b = (b - norm.running_mean.double()) * s + beta
-        if lin.bias is None:
-            lin.bias = nn.Parameter(new_b.to(lin.weight.dtype))
-        else:
-            lin.bias.copy_(new_b)
-    set_module(model, bn, nn.Identity())
+    """Reference fold, float64: W' = W * s, b' = (b - mean) * s + beta; BN -> Identity."""
+    fold_into_model_(model, linear, bn)
 
 
 def fold_bn_linear_(model: nn.Module, bn: str, linear: str) -> None:
     """Reference BN -> Linear fold, float64: W' = W diag(s), b' = b + W (beta - mean * s)."""
-    lin, norm = model.get_submodule(linear), model.get_submodule(bn)
-    with torch.no_grad():
-        w = lin.weight.double()
-        b = lin.bias.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-        gamma = norm.weight.double() if norm.affine else torch.ones(w.shape[1], dtype=w.dtype)
-        beta = norm.bias.double() if norm.affine else torch.zeros(w.shape[1], dtype=w.dtype)
-        s = gamma / torch.sqrt(norm.running_var.double() + norm.eps)
-        shift = beta - norm.running_mean.double() * s
-        new_b = b + w @ shift
-        lin.weight.copy_(w * s[None, :])
-        if lin.bias is None:
-            lin.bias = nn.Parameter(new_b)
-        else:
-            lin.bias.copy_(new_b)
-    set_module(model, bn, nn.Identity())
+    fold_into_model_(model, bn, linear)
 
 
 def eval64(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import fold_into_model_
 from torch import nn
 
 from qatconv.pairs import SKIP_CODES, find_pairs
@@ -234,37 +235,11 @@ def expected_report(spec: Spec) -> Expected:
 
 def fold_(model: nn.Module, linear: str, bn: str) -> None:
     """Reference fold in float64 (in place, so tied uses see it); the BN becomes Identity."""
-    lin, norm = model.get_submodule(linear), model.get_submodule(bn)
-    with torch.no_grad():
-        b = lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=torch.float64)
-        gamma = norm.weight if norm.affine else torch.ones_like(b)
-        beta = norm.bias if norm.affine else torch.zeros_like(b)
-        s = gamma / torch.sqrt(norm.running_var + norm.eps)
-        lin.weight.mul_(s[:, None])
-        new_b = (b - norm.running_mean) * s + beta
-        if lin.bias is None:
-            lin.bias = nn.Parameter(new_b)
-        else:
-            lin.bias.copy_(new_b)
-    parent, _, name = bn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+    fold_into_model_(model, linear, bn)
 
 
 def fold_bn_first_(model: nn.Module, bn: str, linear: str) -> None:
-    lin, norm = model.get_submodule(linear), model.get_submodule(bn)
-    with torch.no_grad():
-        w = lin.weight.clone()
-        b = lin.bias if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        gamma = norm.weight if norm.affine else torch.ones(w.shape[1], dtype=torch.float64)
-        beta = norm.bias if norm.affine else torch.zeros(w.shape[1], dtype=torch.float64)
-        s = gamma / torch.sqrt(norm.running_var + norm.eps)
-        new_b = b + w @ (beta - norm.running_mean * s)
-        lin.weight.mul_(s[None, :])
-        if lin.bias is None:
-            lin.bias = nn.Parameter(new_b)
-        else:
-            lin.bias.copy_(new_b)
-    setattr(model, bn, nn.Identity())
+    fold_into_model_(model, bn, linear)
 
 
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

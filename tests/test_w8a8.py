@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from reference import pair_record
+from reference import fold_modules64, pair_record
 from torch import nn
 
 from qatconv.config import (
@@ -233,9 +233,7 @@ def test_weight_only_sensitivity_equals_a_hand_quantized_fold() -> None:
                              batch_size=16)
     assert [t.linear for t in table] == ["fc1", "fc2"]
     with torch.no_grad():
-        s = model.bn1.weight.double() / torch.sqrt(model.bn1.running_var.double() + model.bn1.eps)
-        w = model.fc1.weight.double() * s[:, None]
-        b = (model.fc1.bias.double() - model.bn1.running_mean.double()) * s + model.bn1.bias
+        w, b = fold_modules64(model.fc1, model.bn1)
         scale = (w.abs().amax(1, keepdim=True) / 127.5).float()
         # float32 times the reciprocal, as torch rounds: the extreme weight sits on a tie
         wq = torch.clamp(torch.round(w.float() * (1 / scale)), -128, 127).double() * scale
