@@ -257,6 +257,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prepare", action="store_true",
                     help="also `qatconv prepare --mode calibrate` of the checkpoint (peak RSS)")
+    ap.add_argument("--only", default="", help="comma-separated tool names to run (default all; "
+                    "the load+save baseline always runs)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "fold.json")
     args = ap.parse_args()
 
@@ -264,6 +266,9 @@ def main() -> None:
     file_mib = src.stat().st_size / 2**20
     dst = WORK / "fold-out.safetensors"
     cmds = commands(src, qat_src, hidden, dst, args.prepare)
+    if args.only:
+        keep = {*args.only.split(","), BASELINE}
+        cmds = {k: v for k, v in cmds.items() if k in keep}
     for p in (src, qat_src):  # warm the page cache: every tool then reads from memory
         subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
     print(f"checkpoint: {LAYERS} x (Linear({hidden}, {hidden}) + BatchNorm1d), {file_mib:.0f} MiB; "

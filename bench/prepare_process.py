@@ -2,7 +2,9 @@
 
 The model is 4 x (Linear(W, W) + BatchNorm1d + ReLU) + Linear(W, 10) (W = --width, default 512),
 random and seeded, trained on 4096 random samples, batch 256, 200 steps, Adam, distillation from
-the float model, one thread each (OMP_NUM_THREADS=1 for the script, --threads 1 for qatconv).
+the float model, one thread each (OMP_NUM_THREADS=1 for the script, --threads 1 for qatconv),
+activations fake-quantized in both (qatconv's default --activations int8); qatconv's per-pair
+sensitivity table is off (--no-sensitivity), as the script has none.
 Both are whole processes (interpreter start, imports, loading, training, writing the result),
 interleaved A B A B; the ratio is hand-written time / qatconv time (>= 1.3x is the goal).
 
@@ -104,7 +106,7 @@ def commands(spec: Path, weights: Path, data: Path, out: Path) -> dict[str, list
     qatconv = [sys.executable, "-m", "qatconv", "prepare", "--model", f"{spec}:model",
                "--weights", str(weights), "--data", str(data), "--mode", "finetune",
                "--steps", str(STEPS), "--batch-size", str(BATCH), "--threads", "1",
-               "--force", "--quiet", "-o", str(out)]
+               "--no-sensitivity", "--force", "--quiet", "-o", str(out)]
     script = HAND_WRITTEN.format(work=str(WORK), weights=str(weights), data=str(data),
                                  layers=LAYERS, steps=STEPS, batch=BATCH, out=str(out))
     return {"torch.ao hand-written (whole process)": [sys.executable, "-c", script],
