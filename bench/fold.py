@@ -21,7 +21,8 @@ is that child's `ru_maxrss` (os.wait4), its wall time includes interpreter start
 - qatconv fold --model --weights (CLI): the plain fold of the float file, model code given
   (pairs found on the model built on the meta device, then the same streaming fold).
 - qatconv prepare --mode calibrate (CLI), with --prepare: the float file to a QAT checkpoint on
-  256 random samples; its wall time is not a fold's, its peak RSS is the point (goal <= 2.5x).
+  256 random samples (W8A8, no sensitivity table); its wall time is not a fold's, its peak RSS
+  is the point (goal <= 2.5x the file).
 - python -c "import torch": the floor every torch-based tool pays.
 
 Rounds are interleaved (all tools in a shuffled order, then again, ...) after --warmup untimed
@@ -215,8 +216,11 @@ def commands(src: Path, qat_src: Path, hidden: int, dst: Path,
     cmds[CLI_PLAIN] = [*qatconv, "fold", "--model", f"{spec}:model", "--weights", str(src),
                        "-o", str(dst), "--quiet"]
     if prepare:
+        # Without the per-pair sensitivity table: its 2 x 16 calibrations share the model's
+        # tensors (no memory) but take minutes of forward passes on 4096-wide layers.
         cmds[CLI_PREPARE] = [*qatconv, "prepare", "--model", f"{spec}:model", "--weights",
-                             str(src), "--data", str(data), "-o", str(dst), "--quiet"]
+                             str(src), "--data", str(data), "--no-sensitivity", "-o", str(dst),
+                             "--quiet"]
     for name, code in SCRIPTS.items():
         cmds[name] = [sys.executable, "-c", code.format(**fmt)]
     cmds[NO_FSYNC] = [
