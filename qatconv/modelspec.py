@@ -112,8 +112,9 @@ def check_recorded_spec(spec: str, source: object) -> None:
 
     A spec typed by the user may name any factory: the user asked for it to run. A spec read
     from a file someone else wrote must name model code: an ``nn.Module`` class, or a function
-    defined in the named model file or in an installed (non-standard-library) package module;
-    the function's result is checked to be an ``nn.Module`` when it is called. Refused: builtins
+    defined in the named model file, or in an installed (non-standard-library) package module
+    when it is annotated to return an ``nn.Module`` subclass; the function's result is checked
+    to be an ``nn.Module`` when it is called. Refused: builtins
     and standard-library callables (``subprocess:run``), files inside the Python installation,
     other callable objects, functions of packages that load files (``torch.hub:load``), and
     functions annotated to return something other than an ``nn.Module``.
@@ -185,6 +186,14 @@ def _not_model_code(obj: object, module: types.ModuleType, is_file: bool) -> str
     returns = _return_type(func)
     if isinstance(returns, type) and not issubclass(returns, nn.Module):
         return f"is a function that returns {returns.__name__}, not an nn.Module"
+    if not is_file and not (isinstance(returns, type) and issubclass(returns, nn.Module)):
+        # Only the result is checked once called, and a package function can do anything
+        # before it returns (sympy:sympify evaluates its argument). A package factory is
+        # trusted only when it declares an nn.Module result, as timm's and torchvision's do.
+        return (
+            f"is {home}.{func.__qualname__}, a package function not annotated to return an "
+            "nn.Module"
+        )
     return None
 
 

@@ -330,6 +330,22 @@ def test_recorded_spec_accepts_factories_and_refuses_non_model_code(tmp_path: Pa
 
     (tmp_path / "rec.py").write_text(RECORDED_PY)
     f = tmp_path / "rec.py"
+    (tmp_path / "annotated_pkg").mkdir()
+    (tmp_path / "annotated_pkg" / "__init__.py").write_text(
+        "from torch import nn\n\n"
+        "def make() -> nn.Linear:\n    return nn.Linear(2, 2)\n\n"
+        "def make_bare():\n    return nn.Linear(2, 2)\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        check_recorded_spec("annotated_pkg:make", "ck")
+        with pytest.raises(ModelSpecError, match="not annotated to return an nn.Module"):
+            check_recorded_spec("annotated_pkg:make_bare", "ck")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("annotated_pkg", None)
     for ok in (f"{f}:Net", f"{f}:build", "torch.nn:Linear"):
         check_recorded_spec(ok, "ck")
     refused = {
@@ -340,6 +356,9 @@ def test_recorded_spec_accepts_factories_and_refuses_non_model_code(tmp_path: Pa
         "subprocess:run": "not model code",
         "torch.hub:load": "not a model factory",
         "numpy:load": "not a model factory",
+        # Evaluates its argument before any result check could run (an installed torch
+        # dependency); unannotated package functions are refused for that reason.
+        "sympy:sympify": "not annotated to return an nn.Module",
         f"{Path(__import__('subprocess').__file__)}:run": "not model code",
     }
     for spec, why in refused.items():
