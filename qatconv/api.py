@@ -215,13 +215,17 @@ def _sample_from_data(
     return _sample(inputs)
 
 
-def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> None:
+def _check_data_fits(model: nn.Module, inputs: torch.Tensor, path: Path) -> str | None:
+    """Raise DataError unless ``inputs`` run through ``model``; say which output leaves
+    qatconv leaves out of comparisons (`qatconv.outputs`), if any."""
     import torch
+
+    from qatconv.outputs import flatten_outputs
 
     try:
         with torch.no_grad():
             model.eval()
-            model(inputs[:2])
+            return flatten_outputs(model(inputs[:2]), batch=len(inputs[:2])).note()
     except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit
         first = first_line(e, type(e).__name__)
         raise DataError(
@@ -356,7 +360,10 @@ def prepare(
     model, orig_dtype = _as_float32(loaded, note)
     loaded.tensors.clear()  # loaded into the model: a second copy of the checkpoint is not needed
     inputs = dataset.inputs.float()
-    _check_data_fits(model, inputs, data)
+    ignored = _check_data_fits(model, inputs, data)
+    if ignored:
+        note(ignored)
+        loaded.notes.append(ignored)
     scan = scan_pairs(model, _sample(inputs), strict=strict)
     _note_finder(scan, loaded, note)
     before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
@@ -1324,6 +1331,8 @@ def verify(
         ref_out = outputs.forward_outputs(reference, inputs)
         got_out = outputs.forward_outputs(folded_model, inputs)
     outputs.require_same_names(ref_out, got_out, f"the {ref_name} reference", "the folded model")
+    if on_note is not None and ref_out.note():
+        on_note(f"--check: {ref_out.note()}")
     ref, got = outputs.flat_cat(ref_out, torch.float64), outputs.flat_cat(got_out, torch.float64)
     noise = _noise_floor(reference, inputs, ref)
     scaled = not atol_given and noise is not None and NOISE_FACTOR * noise > atol

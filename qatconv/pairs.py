@@ -803,7 +803,7 @@ class _GraphFacts:
         if len(sites) > 1:
             names = list(dict.fromkeys(sites))
             called_as = f" (called as {_quoted(names)})" if names != [path] else ""
-            return f"{_kind(mod)} '{path}' runs {len(sites)} times in the traced graph{called_as}"
+            return f"{_kind(mod)} '{path}' runs {len(sites)} times in the model's graph{called_as}"
         return _sharing_problem(mod, path, self.paths, self.names, self.read_ids)
 
 

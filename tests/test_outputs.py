@@ -113,10 +113,17 @@ def test_tuple_and_dict_models_prepare_fold_and_check(tmp_path: Path, cli: Any,
     rep = r.json()
     assert "SimSiamHead" not in r.out and "library v0.0" not in r.out
     assert rep["metrics"]["relative_mse"] < 1e-2 and len(rep["metrics"]["outputs"]) >= 2
+    said = [n for n in rep["notes"] if "ignored in comparisons" in n]
+    if name == "build_multitask":  # the argmax labels and the string are left out, and said so
+        assert len(said) == 1
+        assert "['label'] (int64 tensor)" in said[0] and "['heads'].extra (str)" in said[0]
+    else:
+        assert said == []
     out = tmp_path / "folded.safetensors"
     r = cli("fold", q, "-o", out, "--check", data, "--json")
     assert r.code == 0, r.err
     assert r.json()["check"]["passed"]
+    assert ("--check: model output leaves ignored" in r.err) is (name == "build_multitask")
     # Independent reference: a plain float fold, loaded into a fresh instance, vs the float model.
     plain = tmp_path / "plain.safetensors"
     assert cli("fold", "--model", spec, "--weights", weights, "-o", plain, "--quiet").code == 0
