@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +67,16 @@ def write_model(pairs: int, width: int) -> tuple[str, Path]:
 
 
 def write_npy(path: Path, rows: int, width: int) -> None:
-    """Standard-normal float32 rows, written in 64 MiB chunks (never whole in memory)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, width))
+    """Standard-normal float32 rows, written in 64 MiB chunks with plain writes (a memory map
+    would grow this process, and every child's ru_maxrss starts from its parent's)."""
     rng = np.random.default_rng(0)
     step = max(1, (64 << 20) // (4 * width))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        out[start:stop] = rng.standard_normal((stop - start, width), dtype=np.float32)
-    out.flush()
-    del out
+    with open(path, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, width)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            f.write(rng.standard_normal((stop - start, width), dtype=np.float32).tobytes())
 
 
 def prepare_cmd(spec: str, weights: Path, data: Path, pairs: int, width: int, steps: int,
@@ -85,26 +85,30 @@ def prepare_cmd(spec: str, weights: Path, data: Path, pairs: int, width: int, st
             "--model-arg", f"pairs={pairs}", "--model-arg", f"width={width}",
             "--weights", str(weights), "--data", str(data), "-o", str(WORK / "out.safetensors"),
             "--force", "--mode", "finetune", "--steps", str(steps), "--batch-size", "256",
-            "--nproc", str(nproc), "--json"]
+            "--nproc", str(nproc), "--no-sensitivity", "--json"]
 
 
 def run(cmd: list[str], threads: int) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one process (the launcher's own for --nproc > 1)."""
+    """Wall seconds and peak RSS (bytes) of one process (the launcher's own for --nproc > 1),
+    started from bench/fold.py's small launcher: a child's ru_maxrss counts its parent's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fold import _LAUNCHER  # type: ignore[import-not-found]
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    result = WORK / "launcher.json"
+    subprocess.run([sys.executable, "-c", _LAUNCHER, str(result), *cmd], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    r = json.loads(result.read_text())
+    result.unlink()
+    if r["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed with exit code {r['rc']}")
+    return r["wall"], r["maxrss_kib"] * 1024
 
 
 def throughput(repeat: int, lo: int, hi: int) -> dict[str, object]:
     spec, weights = write_model(4, 512)
     data = WORK / "train512.npy"
-    write_npy(data, 16384, 512)
+    write_npy(data, 4096, 512)  # small: the one-off passes over the data cancel anyway
     cores = usable_cpus()
     rates: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeat):
@@ -112,7 +116,8 @@ def throughput(repeat: int, lo: int, hi: int) -> dict[str, object]:
             threads = max(1, cores // nproc)
             t_lo, _ = run(prepare_cmd(spec, weights, data, 4, 512, lo, nproc), threads)
             t_hi, _ = run(prepare_cmd(spec, weights, data, 4, 512, hi, nproc), threads)
-            rates[nproc].append((hi - lo) / max(1e-9, t_hi - t_lo))
+            rates[nproc].append((hi - lo) / (t_hi - t_lo) if t_hi > t_lo else float("nan"))
+            print(f"nproc {nproc}: {rates[nproc][-1]:.3g} steps/s", file=sys.stderr)
     med = {n: statistics.median(r) for n, r in rates.items()}
     return {"cores": cores, "steps": [lo, hi], "batch_size": 256,
             "steps_per_s": {str(n): med[n] for n in med},
@@ -136,6 +141,7 @@ def rss(big_gib: float, small_mib: float, repeat: int) -> dict[str, object]:
                 # One thread: peak memory does not depend on it, and the machine is shared.
                 wall, peak = run(prepare_cmd(spec, weights, files[name], 2, width, 30, 1), 1)
                 peaks[name].append(peak)
+                print(f"{name}: peak RSS {peak / 2**20:.0f} MiB, {wall:.0f} s", file=sys.stderr)
                 walls[name].append(wall)
     finally:
         for f in files.values():
