@@ -346,7 +346,8 @@ def prepare(
     inputs_paths = [p for p in (model_cfg.weights, data) if p is not None]
     writer = replica is None or replica.launch.is_main
     if writer:
-        checkpoint.check_output_path(out, force=force, inputs=inputs_paths)
+        checkpoint.check_output_path(out, force=force, inputs=inputs_paths,
+                                     suffixes=(".safetensors",))
     _refuse_qatconv_output(model_cfg.weights)
     loaded = load_model(model_cfg)
     for n in loaded.notes:
@@ -661,6 +662,10 @@ def _model_cfg_from_meta(
     return ModelConfig(spec=spec, args=model_meta.get("args") or {})
 
 
+# A fold writes safetensors, or an index with its shards (--max-shard-size).
+_FOLD_SUFFIXES = (".safetensors", ".index.json")
+
+
 def fold(
     out: Path,
     *,
@@ -855,7 +860,8 @@ def _plan_qat_fold(
             hint="for a float checkpoint use: qatconv fold --model SPEC --weights CKPT -o OUT",
         )
     checkpoint.check_output_path(
-        out, force=force, inputs=[qat_checkpoint] + ([check] if check else [])
+        out, force=force, inputs=[qat_checkpoint] + ([check] if check else []),
+        suffixes=_FOLD_SUFFIXES,
     )
     records = validate.qat_records(meta, qat_checkpoint)
     # Pair weights are checked by the fold itself as it streams them (one read, not two).
@@ -986,7 +992,8 @@ def _plan_float_fold(
             hint="run `qatconv prepare` first",
         )
     checkpoint.check_output_path(
-        out, force=force, inputs=[model_cfg.weights] + ([check] if check else [])
+        out, force=force, inputs=[model_cfg.weights] + ([check] if check else []),
+        suffixes=_FOLD_SUFFIXES,
     )
     found = None if fold_bn_before_linear else _pairs_on_meta(model_cfg, check, target_column,
                                                               strict=strict)

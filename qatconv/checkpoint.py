@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatconv import dtypes, st_format
-from qatconv.errors import CheckpointError, OutputError, first_line
+from qatconv.errors import CheckpointError, OutputError, UsageError, first_line
 from qatconv.metadata import METADATA_KEY, parse_metadata
 from qatconv.st_checkpoint import (  # noqa: F401 - checkpoint_files is part of this API
     INDEX_SUFFIX,
@@ -437,14 +437,23 @@ def _listing(what: str, keys: list[str]) -> str:
 
 # --------------------------------------------------------------------------------------- writing
 
-def check_output_path(path: Path, *, force: bool, inputs: Sequence[Path]) -> None:
+def check_output_path(
+    path: Path, *, force: bool, inputs: Sequence[Path], suffixes: tuple[str, ...] = ()
+) -> None:
     """Refuse an output path before any work is done.
 
     Raises:
+        UsageError: ``suffixes`` is given and the name ends in none of them (checked first, so
+            a name a later step, such as ``fold --check``, could not read back fails at once).
         OutputError: ``path`` is one of ``inputs`` (even with ``force``), exists without
             ``force``, is a folder, or its folder is missing or not writable.
     """
     path = Path(path)
+    if suffixes and not path.name.endswith(suffixes):
+        raise UsageError(
+            f"output {path} must end in {' or '.join(suffixes)}",
+            hint=f"e.g. -o {path.with_name(path.stem + suffixes[0]).name}",
+        )
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
         raise OutputError(

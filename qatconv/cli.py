@@ -423,7 +423,7 @@ def _report_fold(out: Output, result: Any) -> None:
 @app.command(
     epilog="Examples:\n\n  qatconv export folded.safetensors -o model.onnx --check heldout.npz\n\n"
     "  qatconv export folded.safetensors -o model.onnx --input-shape 16,64\n\n"
-    "Needs the onnx extra: pip install \"qatconv[onnx]\".",
+    "Needs the onnx extra: pip install \"qatconv\\[onnx]\".",
 )
 def export(
     folded: Annotated[Path, typer.Argument(help="Folded checkpoint written by `qatconv fold`.")],

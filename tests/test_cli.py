@@ -571,3 +571,36 @@ def test_help_texts_show_their_bracketed_defaults(cli: Any,
     assert "from this step on [default: steps/2]." in texts["prepare"]
     assert "absolute tolerance [default: by dtype:" in texts["fold"]
     assert "relative tolerance [default: as --atol]." in texts["fold"]
+
+
+# ------------------------------------------------------------------------ output names
+
+
+@pytest.mark.parametrize("command", ["prepare", "fold", "plain-fold"])
+def test_an_output_name_a_later_step_cannot_read_is_a_usage_error_up_front(
+    cli: Any, tmp_path: Path, command: str
+) -> None:
+    """`fold -o out.s --check DATA` used to fold, stage `out.s`, then fail reading it back
+    (naming the internal staging folder); without --check it wrote a file named out.s."""
+    out = tmp_path / "out.s"
+    if command == "prepare":
+        args = ("prepare", "--model", SPEC, "--weights", WEIGHTS, "--data", CALIB, "-o", out)
+    elif command == "fold":
+        qat = tmp_path / "q.safetensors"
+        r = cli("prepare", "--model", SPEC, "--weights", WEIGHTS, "--data", CALIB, "-o", qat)
+        assert r.code == 0, r.err
+        args = ("fold", qat, "-o", out, "--check", CALIB)
+    else:
+        args = ("fold", "--model", SPEC, "--weights", WEIGHTS, "-o", out)
+    r = cli(*args, "--json")
+    assert r.code == 2, r.err
+    assert "must end in .safetensors" in r.json()["error"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == (
+        ["q.safetensors"] if command == "fold" else []
+    )
+
+
+def test_export_help_names_the_onnx_extra(cli: Any) -> None:
+    r = cli("export", "--help")
+    assert r.code == 0, r.err
+    assert "qatconv[onnx]" in r.out + r.err  # rich markup used to eat the "[onnx]"
