@@ -23,11 +23,15 @@ class ResidualMLP(nn.Module):
             for block in self.blocks:
                 fc, bn = block
                 fc.weight.copy_(torch.randn(dim, dim, generator=g) / dim**0.5)
+                fc.bias.copy_(0.1 * torch.randn(dim, generator=g))
+                bn.bias.copy_(0.1 * torch.randn(dim, generator=g))
                 bn.weight.copy_(1 + 1e-3 * torch.randn(dim, generator=g))
                 bn.running_var.copy_(0.5 + torch.rand(dim, generator=g))
                 bn.running_mean.copy_(0.1 * torch.randn(dim, generator=g))
             w = torch.randn(4, dim // 2, generator=g)
             self.head.weight.copy_(torch.cat([w, -w * (1 + 1e-4)], 1))
+            # Every tensor from the seeded generator: two instances are the same model.
+            self.head.bias.copy_(0.1 * torch.randn(4, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, x], 1)  # two nearly equal halves: the head reads their difference
