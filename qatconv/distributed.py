@@ -193,6 +193,10 @@ def _wait_for_key(store: Any, seconds: float) -> None:
         log.debug("stopped waiting for another rank's error: %r", e)
 
 
+# Set by `launch_local` for its ranks.
+_LAUNCHER_ENV = "QATCONV_LOCAL_LAUNCHER"
+
+
 def resolve_failure(launch: Launch, e: BaseException) -> RankFailedError:
     """The run's first failure, given that this rank stopped with ``e``.
 
@@ -200,15 +204,20 @@ def resolve_failure(launch: Launch, e: BaseException) -> RankFailedError:
     collective (or torchrun's SIGTERM after another rank died) adopts the published one.
     """
     own = Failure(launch.rank, *exit_status(e))
+    peer_loss = isinstance(e, KeyboardInterrupt) or _is_peer_loss(e)
     try:
         store = _store()
-        if isinstance(e, KeyboardInterrupt) or _is_peer_loss(e):
+        if peer_loss:
             _wait_for_key(store, _PEER_ERROR_WAIT_S)
         first = Failure.from_json(store.compare_set(_ERROR_KEY, "", own.to_json()))
     except BaseException as store_error:  # noqa: BLE001 - the store went away with its host
         log.debug("cannot reach the store: %r", store_error)
         first = own
-    return RankFailedError(first, echo=first.rank == launch.rank, json=launch.is_main)
+    # A rank killed by a signal publishes nothing; under `--nproc` the local launcher learns
+    # its signal and prints the run's one JSON error, so rank 0 must not print a second one.
+    by_launcher = peer_loss and first.rank == launch.rank and os.environ.get(_LAUNCHER_ENV) == "1"
+    return RankFailedError(first, echo=first.rank == launch.rank,
+                           json=launch.is_main and not by_launcher)
 
 
 # ------------------------------------------------------------------------------------- session
@@ -480,6 +489,7 @@ def launch_local(nproc: int, argv: Sequence[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    os.environ[_LAUNCHER_ENV] = "1"  # the ranks inherit it: see resolve_failure
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = run.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
                            "--monitor-interval", "0.1", "-m", "qatconv", *argv])

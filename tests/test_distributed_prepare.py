@@ -130,4 +130,9 @@ def test_a_killed_rank_ends_every_rank_and_leaves_no_file(tmp_path: Path) -> Non
     assert time.monotonic() - start < 60
     assert r.returncode == 128 + 9, r.stderr[-2000:]
     assert "rank 1" in r.stderr and "SIGKILL" in r.stderr
+    # --json: one error object on stdout, the launcher's (rank 0 used to print a second one).
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stdout
+    obj = json.loads(lines[0])
+    assert obj["exit_code"] == 137 and "rank 1" in obj["error"]
     assert no_outputs(tmp_path) == []
