@@ -443,17 +443,12 @@ def check_output_path(
     """Refuse an output path before any work is done.
 
     Raises:
-        UsageError: ``suffixes`` is given and the name ends in none of them (checked first, so
-            a name a later step, such as ``fold --check``, could not read back fails at once).
         OutputError: ``path`` is one of ``inputs`` (even with ``force``), exists without
             ``force``, is a folder, or its folder is missing or not writable.
+        UsageError: ``suffixes`` is given and the name ends in none of them, so that a name a
+            later step (``fold --check``) could not read back fails before any work.
     """
     path = Path(path)
-    if suffixes and not path.name.endswith(suffixes):
-        raise UsageError(
-            f"output {path} must end in {' or '.join(suffixes)}",
-            hint=f"e.g. -o {path.with_name(path.stem + suffixes[0]).name}",
-        )
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
         raise OutputError(
@@ -465,8 +460,16 @@ def check_output_path(
         raise OutputError(
             f"output folder {folder} is not writable", hint="choose another -o location"
         )
-    if not path.exists():
-        return
+    if path.exists():
+        _refuse_existing_output(path, force=force, inputs=inputs)
+    if suffixes and not path.name.endswith(suffixes):
+        raise UsageError(
+            f"output {path} must end in {' or '.join(suffixes)}",
+            hint=f"e.g. -o {path.with_name(path.stem + suffixes[0]).name}",
+        )
+
+
+def _refuse_existing_output(path: Path, *, force: bool, inputs: Sequence[Path]) -> None:
     if path.is_dir():
         raise OutputError(
             f"output {path} is a folder", hint="give a file name, e.g. out.safetensors"
