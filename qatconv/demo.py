@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,140 @@ def _accuracy(model: Any, inputs: Any, targets: Any) -> float:
         return float((logits.argmax(1) == targets).double().mean())
 
 
+@dataclass
+class _Run:
+    """What every QAT run of the demo shares: inputs, outputs, and the files written so far."""
+
+    output_dir: Path
+    spec: str
+    model_cfg: ModelConfig
+    calib: Path
+    train: Path
+    heldout: Path
+    held: Any
+    force: bool
+    progress: Callable[[str, int], AbstractContextManager[Callable[..., None]]] | None
+    files: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def prepare(self, bits: int, mode: Mode, acts: Activations = Activations.none) -> float:
+        """Calibrate or fine-tune one width, write its checkpoint, return its held-out accuracy."""
+        tag = f"w{bits}a8" if acts is Activations.int8 else f"w{bits}"
+        out = self.output_dir / f"digits_{mode.value}_{tag}.safetensors"
+        train_cfg = (
+            TrainConfig(mode=Mode.calibrate)
+            if mode is Mode.calibrate
+            else TrainConfig(mode=Mode.finetune, **FINETUNE)  # type: ignore[arg-type]
+        )
+        steps = train_cfg.steps if mode is Mode.finetune else 0
+        with ExitStack() as stack:
+            advance = (stack.enter_context(self.progress(f"QAT {tag}", steps))
+                       if (self.progress and steps) else None)
+            api.prepare(
+                self.model_cfg, self.train if mode is Mode.finetune else self.calib, out,
+                train=train_cfg, quant=QuantConfig(weight_bits=bits, activations=acts),
+                force=self.force, sensitivity=False,
+                on_step=(lambda i: advance(i.step, info=f"loss {i.loss:.3g}")) if advance else None,
+            )
+        self.files.append(str(out))
+        return _accuracy(api.load_qat(out, ModelConfig(spec=self.spec)),
+                         self.held.inputs, self.held.targets)
+
+
+def _start(
+    output_dir: Path,
+    force: bool,
+    progress: Callable[[str, int], AbstractContextManager[Callable[..., None]]] | None,
+) -> _Run:
+    """Check the bundled samples are there, make ``output_dir``, load the held-out data."""
+    from qatconv import data as data_mod
+
+    if not (SAMPLES / "digits_mlp.safetensors").exists():
+        raise BadInputError(
+            f"the bundled samples are missing ({SAMPLES})",
+            hint="reinstall qatconv (the wheel carries them), or run from a clone",
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec = str(SAMPLES / SPEC)
+    model_cfg = ModelConfig(spec=spec, weights=SAMPLES / "digits_mlp.safetensors")
+    calib, train, heldout = (SAMPLES / f"digits_{s}.npz" for s in ("calib", "train", "heldout"))
+    held = data_mod.load_data(heldout)
+    return _Run(output_dir=output_dir, spec=spec, model_cfg=model_cfg, calib=calib, train=train,
+                heldout=heldout, held=held, force=force, progress=progress)
+
+
+def _float_accuracy(r: _Run) -> float:
+    t = time.perf_counter()
+    float_model = api.load_model(r.model_cfg).model
+    float_acc = _accuracy(float_model, r.held.inputs, r.held.targets)
+    r.seconds["float_eval"] = time.perf_counter() - t
+    return float_acc
+
+
+def _ptq_rows(r: _Run, float_acc: float) -> tuple[dict[str, float], int | None]:
+    """PTQ at 8 bits, then down LOW_BITS until PTQ loses >= PTQ_LOSS_POINTS (that width)."""
+    t = time.perf_counter()
+    ptq = {"8": r.prepare(8, Mode.calibrate)}
+    low_bits = None
+    for bits in LOW_BITS:
+        ptq[str(bits)] = r.prepare(bits, Mode.calibrate)
+        if float_acc - ptq[str(bits)] >= PTQ_LOSS_POINTS:
+            low_bits = bits
+            break
+    r.seconds["ptq"] = time.perf_counter() - t
+    return ptq, low_bits
+
+
+def _qat_rows(r: _Run, low_bits: int | None) -> dict[str, float]:
+    t = time.perf_counter()
+    # 8 bits (deployment), 4 bits (the common low-bit target) and the widest low width where
+    # PTQ loses >= 2 points (QAT's case for existing), each once.
+    qat: dict[str, float] = {}
+    for bits in sorted({8, 4} | ({low_bits} if low_bits else set()), reverse=True):
+        qat[str(bits)] = r.prepare(bits, Mode.finetune)
+    r.seconds["qat_finetune"] = time.perf_counter() - t
+    return qat
+
+
+def _fold_w8(r: _Run) -> tuple[float, float]:
+    """Fold the 8-bit QAT checkpoint with a check; return (folded accuracy, max fold error)."""
+    t = time.perf_counter()
+    qat8 = r.output_dir / "digits_finetune_w8.safetensors"
+    folded_path = r.output_dir / "digits_folded_w8.safetensors"
+    result = api.fold(folded_path, qat_checkpoint=qat8, check=r.heldout, force=r.force,
+                      emit_qparams=True)
+    r.files.append(str(folded_path))
+    r.seconds["fold_check"] = time.perf_counter() - t
+    folded = api.load_folded(api.load_model(ModelConfig(spec=r.spec)).model, folded_path)
+    folded_acc = _accuracy(folded, r.held.inputs, r.held.targets)
+    assert result.check is not None
+    return folded_acc, result.check.max_abs_error
+
+
+def _a8_all(r: _Run, widths: list[str], note: Callable[[str], None]) -> dict[str, Any]:
+    """The static-int8-activation rows, then the folded W8A8 model in integer arithmetic."""
+    t = time.perf_counter()
+    a8 = _a8_rows(r.prepare, widths)
+    r.seconds["a8_ptq_qat"] = time.perf_counter() - t
+    t = time.perf_counter()
+    a8.update(_w8a8_integer(r.output_dir, r.heldout, r.held, r.force, r.files))
+    r.seconds["w8a8_fold_emulate"] = time.perf_counter() - t
+    note("W8A8 held-out accuracy: QAT " + f"{a8['qat_accuracy']['8']:.2%}, integer emulation "
+         f"{a8['emulated_accuracy']:.2%}")
+    return a8
+
+
+def _ort_row(r: _Run, note: Callable[[str], None]) -> dict[str, Any] | None:
+    t = time.perf_counter()
+    ort_row = _onnxruntime(r.output_dir / "digits_folded_w8a8.safetensors",
+                           r.output_dir / "digits_w8a8.onnx", r.heldout, r.force)
+    if ort_row is not None:
+        r.seconds["onnx_export_check"] = time.perf_counter() - t
+    else:
+        note('onnxruntime row skipped: pip install "qatconv[onnx]" to export and run it')
+    return ort_row
+
+
 def run(
     output_dir: Path,
     *,
@@ -89,106 +223,24 @@ def run(
     progress: Callable[[str, int], AbstractContextManager[Callable[..., None]]] | None = None,
 ) -> DemoResult:
     """Run the demo pipeline, writing its checkpoints into ``output_dir``."""
-    from qatconv import data as data_mod
-
     note = on_note or (lambda s: None)
-    if not (SAMPLES / "digits_mlp.safetensors").exists():
-        raise BadInputError(
-            f"the bundled samples are missing ({SAMPLES})",
-            hint="reinstall qatconv (the wheel carries them), or run from a clone",
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    spec = str(SAMPLES / SPEC)
-    weights = SAMPLES / "digits_mlp.safetensors"
-    model_cfg = ModelConfig(spec=spec, weights=weights)
-    calib, train, heldout = (SAMPLES / f"digits_{s}.npz" for s in ("calib", "train", "heldout"))
-    held = data_mod.load_data(heldout)
-    seconds: dict[str, float] = {}
-    files: list[str] = []
-
-    t = time.perf_counter()
-    float_model = api.load_model(model_cfg).model
-    float_acc = _accuracy(float_model, held.inputs, held.targets)
-    seconds["float_eval"] = time.perf_counter() - t
-
-    def prepare(bits: int, mode: Mode, acts: Activations = Activations.none) -> float:
-        tag = f"w{bits}a8" if acts is Activations.int8 else f"w{bits}"
-        out = output_dir / f"digits_{mode.value}_{tag}.safetensors"
-        train_cfg = (
-            TrainConfig(mode=Mode.calibrate)
-            if mode is Mode.calibrate
-            else TrainConfig(mode=Mode.finetune, **FINETUNE)  # type: ignore[arg-type]
-        )
-        steps = train_cfg.steps if mode is Mode.finetune else 0
-        ctx = progress(f"QAT {tag}", steps) if (progress and steps) else None
-        advance = ctx.__enter__() if ctx else None
-        try:
-            api.prepare(
-                model_cfg, train if mode is Mode.finetune else calib, out, train=train_cfg,
-                quant=QuantConfig(weight_bits=bits, activations=acts), force=force,
-                sensitivity=False,
-                on_step=(lambda i: advance(i.step, info=f"loss {i.loss:.3g}")) if advance else None,
-            )
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
-        files.append(str(out))
-        return _accuracy(api.load_qat(out, ModelConfig(spec=spec)), held.inputs, held.targets)
-
-    t = time.perf_counter()
-    ptq = {"8": prepare(8, Mode.calibrate)}
-    low_bits = None
-    for bits in LOW_BITS:
-        ptq[str(bits)] = prepare(bits, Mode.calibrate)
-        if float_acc - ptq[str(bits)] >= PTQ_LOSS_POINTS:
-            low_bits = bits
-            break
-    seconds["ptq"] = time.perf_counter() - t
+    r = _start(output_dir, force, progress)
+    float_acc = _float_accuracy(r)
+    ptq, low_bits = _ptq_rows(r, float_acc)
     note("PTQ held-out accuracy: " + ", ".join(f"w{b}: {a:.2%}" for b, a in ptq.items()))
-
-    t = time.perf_counter()
-    # 8 bits (deployment), 4 bits (the common low-bit target) and the widest low width where
-    # PTQ loses >= 2 points (QAT's case for existing), each once.
-    qat: dict[str, float] = {}
-    for bits in sorted({8, 4} | ({low_bits} if low_bits else set()), reverse=True):
-        qat[str(bits)] = prepare(bits, Mode.finetune)
-    seconds["qat_finetune"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    qat8 = output_dir / "digits_finetune_w8.safetensors"
-    folded_path = output_dir / "digits_folded_w8.safetensors"
-    result = api.fold(folded_path, qat_checkpoint=qat8, check=heldout, force=force,
-                      emit_qparams=True)
-    files.append(str(folded_path))
-    seconds["fold_check"] = time.perf_counter() - t
-    folded = api.load_folded(api.load_model(ModelConfig(spec=spec)).model, folded_path)
-    folded_acc = _accuracy(folded, held.inputs, held.targets)
-    assert result.check is not None
-
-    t = time.perf_counter()
-    a8 = _a8_rows(prepare, sorted(qat, key=int, reverse=True))
-    seconds["a8_ptq_qat"] = time.perf_counter() - t
-    t = time.perf_counter()
-    a8.update(_w8a8_integer(output_dir, heldout, held, force, files))
-    seconds["w8a8_fold_emulate"] = time.perf_counter() - t
-    note("W8A8 held-out accuracy: QAT " + f"{a8['qat_accuracy']['8']:.2%}, integer emulation "
-         f"{a8['emulated_accuracy']:.2%}")
-    t = time.perf_counter()
-    ort_row = _onnxruntime(output_dir / "digits_folded_w8a8.safetensors",
-                           output_dir / "digits_w8a8.onnx", heldout, force)
-    if ort_row is not None:
-        seconds["onnx_export_check"] = time.perf_counter() - t
-    else:
-        note('onnxruntime row skipped: pip install "qatconv[onnx]" to export and run it')
+    qat = _qat_rows(r, low_bits)
+    folded_acc, max_fold_error = _fold_w8(r)
+    a8 = _a8_all(r, sorted(qat, key=int, reverse=True), note)
+    ort_row = _ort_row(r, note)
     return DemoResult(
         float_accuracy=float_acc,
         ptq_accuracy=ptq,
         qat_accuracy=qat,
         folded_accuracy=folded_acc,
-        max_fold_error=result.check.max_abs_error,
+        max_fold_error=max_fold_error,
         low_bits=low_bits,
-        seconds=seconds,
-        files=files,
+        seconds=r.seconds,
+        files=r.files,
         onnxruntime=ort_row,
         a8=a8,
     )
