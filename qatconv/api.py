@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from qatconv.data import Dataset
     from qatconv.distributed import Replica
     from qatconv.emulate import IntegerCheck
     from qatconv.inspection import Inspection
@@ -309,6 +310,9 @@ def prepare(
 ) -> PrepareReport:
     """Float checkpoint -> QAT checkpoint (LinearBn1d per pair, calibrated or fine-tuned).
 
+    Long only for its 14 options and their Args; the body is its steps (load -> pairs -> train
+    and measure -> write).
+
     Args:
         model_cfg: model spec/args and float checkpoint.
         data: calibration / training data file.
@@ -335,9 +339,7 @@ def prepare(
         PrepareReport. Raises a `QatconvError` subclass on bad input.
     """
 
-    from qatconv import checkpoint, validate
-    from qatconv import data as data_mod
-    from qatconv import sensitivity as sens
+    from qatconv import checkpoint
 
     train = train or TrainConfig()
     quant = quant or QuantConfig()
@@ -348,6 +350,48 @@ def prepare(
     if writer:
         checkpoint.check_output_path(out, force=force, inputs=inputs_paths,
                                      suffixes=(".safetensors",))
+    src = _load_for_prepare(model_cfg, data, target_column, note)
+    plan = _plan_pairs(src, model_cfg, train, strict=strict, allow_no_pairs=allow_no_pairs,
+                       exclude=exclude, fold_bn_before_linear=fold_bn_before_linear, note=note)
+    qat_model, metrics, table = _train_and_measure(
+        src, plan, train, quant, on_step=on_step, replica=replica,
+        sensitivity=sensitivity if writer else False, note=note,
+    )
+    meta = _qat_metadata(src.loaded, plan.records, plan.scan, train, quant, src.dataset.sha256,
+                         src.orig_dtype, metrics, plan.excluded, exclude)  # fmt: skip
+    _write_prepared(qat_model, src.orig_dtype, meta, plan.before, out, replica=replica,
+                    writer=writer, force=force, inputs_paths=inputs_paths)
+    return PrepareReport(
+        output=out,
+        pairs=[r.to_json() for r in plan.records],
+        skipped=meta["skipped"],
+        notes=src.loaded.notes,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
+        metadata=meta,
+        warnings=src.warnings,
+        sensitivity=[t.to_json() for t in table],
+    )
+
+
+@dataclass
+class _PrepareSource:
+    """prepare's inputs once loaded: the float32 model, its data and what was said about them."""
+
+    loaded: LoadedModel
+    dataset: Dataset
+    model: nn.Module
+    orig_dtype: torch.dtype
+    inputs: torch.Tensor
+    warnings: list[str]
+
+
+def _load_for_prepare(
+    model_cfg: ModelConfig, data: Path, target_column: str | None, note: Callable[[str], None]
+) -> _PrepareSource:
+    """Load the float model and the data, and check that the data fits the model."""
+    from qatconv import data as data_mod
+
     _refuse_qatconv_output(model_cfg.weights)
     loaded = load_model(model_cfg)
     for n in loaded.notes:
@@ -365,26 +409,93 @@ def prepare(
     if ignored:
         note(ignored)
         loaded.notes.append(ignored)
-    scan = scan_pairs(model, _sample(inputs), strict=strict)
-    _note_finder(scan, loaded, note)
+    return _PrepareSource(loaded=loaded, dataset=dataset, model=model, orig_dtype=orig_dtype,
+                          inputs=inputs, warnings=warnings_)
+
+
+@dataclass
+class _PairPlan:
+    """Which pairs prepare swaps (records), keeps float (excluded) and folded beforehand."""
+
+    scan: PairScan
+    all_records: list[PairRecord]
+    records: list[PairRecord]
+    excluded: list[PairRecord]
+    before: list[dict[str, Any]]
+
+
+def _plan_pairs(
+    src: _PrepareSource,
+    model_cfg: ModelConfig,
+    train: TrainConfig,
+    *,
+    strict: bool,
+    allow_no_pairs: bool,
+    exclude: Sequence[str],
+    fold_bn_before_linear: bool,
+    note: Callable[[str], None],
+) -> _PairPlan:
+    """Find the pairs, fold BN-before-Linear when asked, split off excluded pairs, check state."""
+    from qatconv import sensitivity as sens
+    from qatconv import validate
+
+    scan = scan_pairs(src.model, _sample(src.inputs), strict=strict)
+    _note_finder(scan, src.loaded, note)
     before_ok = [c for c in scan.bn_before_linear if c.verified or not strict]
     _require_pairs(scan, allow_no_pairs or (fold_bn_before_linear and bool(before_ok)))
     all_records = [p.to_record() for p in scan.pairs]
     before: list[dict[str, Any]] = []
     if fold_bn_before_linear:
-        all_records, before = _fold_bn_before_model_(model, all_records, before_ok)
+        all_records, before = _fold_bn_before_model_(src.model, all_records, before_ok)
     records, excluded = sens.split_excluded(all_records, exclude)
-    validate.check_model_state(model, all_records, model_cfg.weights or model_cfg.spec,
+    validate.check_model_state(src.model, all_records, model_cfg.weights or model_cfg.spec,
                                stats_recomputed=train.recalibrate_bn)
+    return _PairPlan(scan=scan, all_records=all_records, records=records, excluded=excluded,
+                     before=before)
+
+
+def _train_and_measure(
+    src: _PrepareSource,
+    plan: _PairPlan,
+    train: TrainConfig,
+    quant: QuantConfig,
+    *,
+    on_step: Callable[[StepInfo], None] | None,
+    replica: Replica | None,
+    sensitivity: bool | None,
+    note: Callable[[str], None],
+) -> tuple[nn.Module, dict[str, Any], list[Any]]:
+    """Swap and calibrate / fine-tune the pairs, then measure the per-pair sensitivity table."""
+    from qatconv import sensitivity as sens
+
     qat_model, metrics = _train_qat(
-        model, records, inputs, dataset.targets, train, quant, on_step, warnings_, replica,
-        weight_storage_dtype=_weight_storage_dtype(quant.activation_scheme is not None, orig_dtype),
+        src.model, plan.records, src.inputs, src.dataset.targets, train, quant, on_step,
+        src.warnings, replica,
+        weight_storage_dtype=_weight_storage_dtype(quant.activation_scheme is not None,
+                                                   src.orig_dtype),
     )
     # After training, so the seeded run (and its file) does not depend on the table.
-    table = sens.sensitivity_table(model, all_records, quant, inputs, batch_size=train.batch_size,
-                                   requested=sensitivity if writer else False, note=note)
-    meta = _qat_metadata(loaded, records, scan, train, quant, dataset.sha256, orig_dtype,
-                         metrics, excluded, exclude)  # fmt: skip
+    table = sens.sensitivity_table(src.model, plan.all_records, quant, src.inputs,
+                                   batch_size=train.batch_size, requested=sensitivity,
+                                   note=note)
+    return qat_model, metrics, table
+
+
+def _write_prepared(
+    qat_model: nn.Module,
+    orig_dtype: torch.dtype,
+    meta: dict[str, Any],
+    before: list[dict[str, Any]],
+    out: Path,
+    *,
+    replica: Replica | None,
+    writer: bool,
+    force: bool,
+    inputs_paths: list[Path],
+) -> None:
+    """Finish the metadata and, on the writing rank once every rank has trained, write ``out``."""
+    from qatconv import checkpoint
+
     if before:
         meta["bn_before_linear"] = before
     if replica is not None:
@@ -395,17 +506,6 @@ def prepare(
             _qat_state(qat_model, orig_dtype), out,
             header_entries(meta), force=force, inputs=inputs_paths,
         )
-    return PrepareReport(
-        output=out,
-        pairs=[r.to_json() for r in records],
-        skipped=meta["skipped"],
-        notes=loaded.notes,
-        metrics=metrics,
-        seconds=time.perf_counter() - started,
-        metadata=meta,
-        warnings=warnings_,
-        sensitivity=[t.to_json() for t in table],
-    )
 
 
 def _refuse_qatconv_output(weights: Path | None) -> None:
