@@ -536,6 +536,54 @@ def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _train_goal(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    config: TrainConfig,
+) -> Any:
+    """What the loss compares against: the teacher's outputs (distill) or the checked targets."""
+    if config.loss is Loss.distill:
+        if teacher is None:
+            raise ValueError("distill needs the float model")
+        teacher.eval()
+        goal: Any = _distill_goal(teacher, inputs)
+    else:
+        if targets is None:
+            raise DataError(
+                f"--loss {config.loss.value} needs targets in the data file",
+                hint="add `targets` to the data, or use --loss distill (label-free)",
+            )
+        goal = targets
+        _check_targets(model, inputs, goal, config.loss)
+        if config.loss is Loss.mse:
+            goal = goal.to(inputs.dtype)
+    return goal
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer is Optimizer.sgd:
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+    return _adam(params, config.lr)
+
+
+def _freeze_at_(
+    step: int, qats: list[QatLinearBn1d], bn_at: int, obs_at: int, result: TrainResult
+) -> None:
+    """The freeze schedule: BN statistics at ``bn_at``, observers at ``obs_at``."""
+    if step == bn_at:
+        for m in qats:
+            m.freeze_bn_stats()
+        result.bn_frozen_at = step
+    if step == obs_at:
+        for m in qats:
+            m.weight_fake_quant.disable_observer()
+            if m.input_fake_quant is not None:
+                m.input_fake_quant.disable_observer()
+        result.observers_frozen_at = step
+
+
 def finetune_(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -547,6 +595,8 @@ def finetune_(
     replica: Replica | None = None,
 ) -> TrainResult:
     """Gradient steps on the QAT model with the BN and observer freeze schedule.
+
+    Long because the step loop (shard, loss, finite check, update, report) reads best whole.
 
     Args:
         model: the QAT model (modified in place).
@@ -567,26 +617,8 @@ def finetune_(
         )
     gen = torch.Generator().manual_seed(config.seed)
     criterion = loss_fn(config.loss)
-    if config.loss is Loss.distill:
-        if teacher is None:
-            raise ValueError("distill needs the float model")
-        teacher.eval()
-        goal: Any = _distill_goal(teacher, inputs)
-    else:
-        if targets is None:
-            raise DataError(
-                f"--loss {config.loss.value} needs targets in the data file",
-                hint="add `targets` to the data, or use --loss distill (label-free)",
-            )
-        goal = targets
-        _check_targets(model, inputs, goal, config.loss)
-        if config.loss is Loss.mse:
-            goal = goal.to(inputs.dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer is Optimizer.sgd:
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
-    else:
-        opt = _adam(params, config.lr)
+    goal = _train_goal(model, teacher, inputs, targets, config)
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], config)
     qats = [m for _, m in qat_modules(model)]
     _start_input_ranges_(model, inputs, config.batch_size)
     model.train()
@@ -598,16 +630,7 @@ def finetune_(
     batches = _batches(len(inputs), config.batch_size, gen, max(2, world))
     start = time.perf_counter()
     for step in range(config.steps):
-        if step == bn_at:
-            for m in qats:
-                m.freeze_bn_stats()
-            result.bn_frozen_at = step
-        if step == obs_at:
-            for m in qats:
-                m.weight_fake_quant.disable_observer()
-                if m.input_fake_quant is not None:
-                    m.input_fake_quant.disable_observer()
-            result.observers_frozen_at = step
+        _freeze_at_(step, qats, bn_at, obs_at, result)
         idx = next(batches)
         local = idx if replica is None else replica.shard(idx)
         x = inputs[local]
