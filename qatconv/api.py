@@ -786,6 +786,8 @@ def fold(
 ) -> FoldResult:
     """Fold a QAT checkpoint (model-free), or a float checkpoint with its model (plain fold).
 
+    Long for its options and their Args; the body is its steps (plan -> write, checked -> report).
+
     Args:
         out: output `.safetensors` (or index path when sharding).
         qat_checkpoint: a checkpoint written by `prepare`.
