@@ -329,10 +329,7 @@ def _record(work: nn.Module, inputs: tuple, error: str) -> Any:
         with torch.no_grad():
             work(*inputs)
     except Exception as exc:
-        raise DataError(
-            f"the sample input does not run through the model: {describe(exc)}",
-            hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
-        ) from exc
+        raise _sample_does_not_run(exc) from exc
     log.info("recording an eager run failed (%s) after torch.fx failed (%s)",
              describe(recording_error), error)
     return None
@@ -821,10 +818,7 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
-        raise DataError(
-            f"the sample input does not run through the model: {describe(exc)}",
-            hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
-        ) from exc
+        raise _sample_does_not_run(exc) from exc
 
 
 def _scan_graph(
@@ -1166,10 +1160,7 @@ def _hook_calls(
         with torch.no_grad():
             work(*inputs)
     except Exception as exc:
-        raise DataError(
-            f"the sample input does not run through the model: {describe(exc)}",
-            hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
-        ) from exc
+        raise _sample_does_not_run(exc) from exc
     finally:
         for h in handles:
             h.remove()
@@ -1213,3 +1204,11 @@ def _judge_untraced(
         why = "no sample input" if calls is None else "the sample did not run both modules"
         return _skip("unverified", lpath, bpath, why=why)
     return _make_pair(lin, lpath, bn, bpath, verified, False, ())
+
+
+def _sample_does_not_run(exc: Exception) -> DataError:
+    """The error for a sample the plain model itself rejects (the data's fault, not a scan's)."""
+    return DataError(
+        f"the sample input does not run through the model: {describe(exc)}",
+        hint="give example inputs that `model(*inputs)` accepts (shape, dtype, device)",
+    )
