@@ -7,7 +7,8 @@ cancels within a comparison:
             vs cp, safetensors load+save, torch.ao fuse_modules, torch.fx fuse on a generated
             1 GiB checkpoint; wall and peak RSS; and `prepare --mode calibrate`'s peak RSS.
 2. prepare  (bench/prepare.py): fine-tune steps/s vs a hand-written torch.ao QAT loop;
-   prepare_process (bench/prepare_process.py): whole processes on a 4 x Linear(512) MLP.
+   prepare_process (bench/prepare_process.py): whole processes on a 4 x Linear(512) MLP;
+   step (bench/step.py): one QAT step at widths 512 and 2048, activations int8 and none.
 2b. contention (bench/contention.py): digits prepare and the demo, quiet and next to a busy core.
 3. startup  (bench/startup.py): `qatconv --help`, `qatconv inspect` of the 1 GiB file vs
             `python -c "import torch"`.
@@ -103,6 +104,8 @@ def report(res: dict) -> str:
                    f"{ratio:.2f}x, {verdict(ratio >= GOALS['prepare_vs_hand_written'])}."), ""]
     if "prepare_process" in res:
         lines += [*process_report(res["prepare_process"]), ""]
+    if "step" in res:
+        lines += [*step_report(res["step"]), ""]
     lines += ["### start-up", "", "| command | median s (min-max) | vs import torch |",
               "|---|---:|---:|"]
     for r in res["startup"]:
@@ -160,6 +163,13 @@ def process_report(pp: dict) -> list[str]:
                         f"{verdict(ratio >= goal)}.")]
 
 
+def step_report(st: dict) -> list[str]:
+    from step import table  # bench/step.py
+
+    return [(f"### one fine-tune step ({st['layers']} x Linear(W) + BN, batch {st['batch']}, one "
+             "thread, Adam; CPU time, medians)"), "", table(st["rows"])]
+
+
 def export_report(ex: dict) -> list[str]:
     title = (f"### export (onnxruntime CPU, {ex['threads']} thread; medians of {ex['rounds']} "
              "interleaved rounds)")
@@ -206,6 +216,8 @@ def main() -> None:
     res["prepare"] = run("prepare.py", "--repeat", rep)
     if "prepare_process" not in skip:
         res["prepare_process"] = run("prepare_process.py", "--repeat", rep)
+    if "step" not in skip:
+        res["step"] = run("step.py", "--rounds", "3" if args.quick else "5")
     res["startup"] = run("startup.py", "--repeat", "3" if args.quick else "5")
     res["scaling"] = run("scaling.py", "--repeat", "1" if args.quick else "3")
     try:
