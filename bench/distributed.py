@@ -7,7 +7,10 @@
    (loading, metrics) cancel. Runs are interleaved (1, 2, 1, 2, ...) and the median is taken.
 2. Peak RSS of `qatconv prepare` (fine-tune, 30 steps) on a 2 GiB `.npy` vs a 20 MiB one (a
    64-wide 2-pair MLP: the data, not the model, is what grows), from ``wait4``'s ``ru_maxrss``
-   of the process. The data files are written to bench/_work (git-ignored) and deleted after.
+   of the process. The 20 MiB file is read whole (data up to qatconv.data.WHOLE_MAX_BYTES, 64 MiB,
+   are), the 2 GiB one per batch: the goal says the big file costs no more resident memory
+   than holding the small one. The data files are written to bench/_work (git-ignored) and
+   deleted after.
 
 Run: python bench/distributed.py [--repeat 3] [--big-gib 2] [--json bench/out/distributed.json]
 """

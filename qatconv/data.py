@@ -6,12 +6,14 @@ and optionally ``targets`` (or ``y``); ``.npy`` (inputs only); ``.csv`` with a h
 numeric cells, ``--target-column NAME`` split off as targets. Every problem is a `DataError`
 (exit 3) with one line saying where.
 
-``.npy`` and ``.safetensors`` data are never loaded whole: their inputs and targets are `Rows`,
-read with ``pread`` per batch (the header is validated first, the values are checked in one
-streaming pass). ``pread`` rather than a memory map: mapped pages a run has touched count in the
-process's resident memory, so sampling a 2 GiB map would grow the process by 2 GiB; pages read
-with ``pread`` stay in the kernel's page cache. ``.pt``, ``.npz`` and ``.csv`` are loaded whole
-(their formats are compressed or pickled and cannot be read by row offset).
+``.npy`` and ``.safetensors`` data above `WHOLE_MAX_BYTES` (64 MiB of inputs and targets in
+memory) are never loaded whole: their inputs and targets are `Rows`, read with ``pread`` per batch
+(the header is validated first, the values are checked in one streaming pass). ``pread`` rather
+than a memory map: mapped pages a run has touched count in the process's resident memory, so
+sampling a 2 GiB map would grow the process by 2 GiB; pages read with ``pread`` stay in the
+kernel's page cache. Smaller ones are read whole through the same `Rows` (one read, the same
+decoding), then checked as the other formats are. ``.pt``, ``.npz`` and ``.csv`` are always
+loaded whole (their formats are compressed or pickled and cannot be read by row offset).
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ SUFFIXES = (".safetensors", ".pt", ".npz", ".npy", ".csv")
 _CHUNK = 1 << 20
 # Bytes of rows decoded at once by the validation pass over lazily read data.
 _SCAN_BYTES = 8 << 20
+# `.npy` / `.safetensors` data whose inputs and targets take at most this many bytes once decoded
+# (float32 inputs; int64 or float32 targets) are read whole. Read per batch, small data pays for
+# what only big data needs: a pread of random rows per batch, and distillation running the float
+# model on every batch instead of once (qat.py `_distill_goal`): 2.8 s of 200 fine-tune steps on
+# bench/prepare_process.py's 8 MiB of 4096 x 512 rows. 64 MiB reads in a fraction of a second
+# and is small next to what a prepare process holds anyway (importing torch: ~220 MiB resident);
+# data for which one more copy in memory matters is far larger (a 2 GiB file stays `Rows`).
+WHOLE_MAX_BYTES = 64 << 20
 _CPU = torch.device("cpu")
 
 
@@ -207,7 +217,7 @@ class Dataset:
 
     Attributes:
         inputs: float32, finite, shape ``(N, ...)``: a tensor, or `Rows` read per batch
-            (``.npy`` and ``.safetensors``).
+            (``.npy`` and ``.safetensors`` above `WHOLE_MAX_BYTES`).
         targets: ``(N, ...)`` int64 (class labels) or float32, a tensor or `Rows`; None when
             the file has none.
         sha256: hex digest of the file's bytes (recorded in checkpoint metadata).
@@ -263,10 +273,10 @@ def load_data(path: Path, *, target_column: str | None = None) -> Dataset:
     if suffix == ".npy":
         rows = _npy_rows(path)
         if rows is not None:
-            return _finish_rows(path, rows, None, digest)
+            return _finish_stored(path, rows, None, digest)
         inputs, targets = _read_npy(path), None
     elif suffix == ".safetensors":
-        return _finish_rows(path, *_st_rows(path), digest)
+        return _finish_stored(path, *_st_rows(path), digest)
     elif suffix == ".csv":
         inputs, targets = _read_csv(path, target_column)
     else:
@@ -575,6 +585,15 @@ def _finish(path: Path, inputs_raw: Any, targets_raw: Any, digest: str) -> Datas
         targets = targets.contiguous()
     log.debug("loaded %d samples of shape %s from %s", n, list(inputs.shape[1:]), path)
     return Dataset(inputs, targets, digest, path)
+
+
+def _finish_stored(path: Path, inputs: Rows, targets: Rows | None, digest: str) -> Dataset:
+    """Data stored by row offset: read whole up to `WHOLE_MAX_BYTES`, else per batch."""
+    held = sum(len(r) * math.prod(r.row_shape) * r.base_dtype.itemsize
+               for r in (inputs, targets) if r is not None)
+    if held > WHOLE_MAX_BYTES:
+        return _finish_rows(path, inputs, targets, digest)
+    return _finish(path, inputs[:], None if targets is None else targets[:], digest)
 
 
 def _finish_rows(path: Path, inputs: Rows, targets: Rows | None, digest: str) -> Dataset:

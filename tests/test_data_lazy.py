@@ -3,6 +3,9 @@
 The reference for every value is the file read whole by numpy or the safetensors library and
 cast the way `_finish` casts (native byte order, then float32 inputs / int64 or float32
 targets): the lazy rows must equal it exactly (atol=0), for any index order.
+
+Such files up to `qatconv.data.WHOLE_MAX_BYTES` are read whole; this module sets it to 0 so its small
+files take the per-batch path, except the tests of the limit itself at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qatconv import api, qat
+from qatconv import data as data_mod
 from qatconv.config import Loss, Mode, ModelConfig, TrainConfig
 from qatconv.data import Rows, load_data
 from qatconv.errors import DataError
@@ -24,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 # Unsorted, repeated and negative rows: a shuffled batch reads like this.
 INDEX = [5, 0, 7, 7, -1, 3, 2, 6]
+
+
+@pytest.fixture(autouse=True)
+def read_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file here, however small, is read per batch (unless a test sets the limit)."""
+    monkeypatch.setattr(data_mod, "WHOLE_MAX_BYTES", 0)
 
 
 def eager_npy(path: Path) -> torch.Tensor:
@@ -225,3 +235,47 @@ def test_metrics_stream_beyond_the_memory_bound(monkeypatch: pytest.MonkeyPatch)
             for name, (a, b) in zip(["[0]", "[1]"], leaves):
                 rel = float(((a.double() - b.double()) ** 2).sum() / (b.double() ** 2).sum())
                 assert streamed["outputs"][name]["relative_mse"] == pytest.approx(rel, rel=1e-12)
+
+
+# ------------------------------------------------------------- small files are read whole
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "|u1", "<i2", "|b1"])
+def test_small_npy_loads_as_the_array_numpy_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  dtype: str) -> None:
+    monkeypatch.setattr(data_mod, "WHOLE_MAX_BYTES", 64 << 20)  # the shipped limit
+    x = (np.random.default_rng(3).standard_normal((40, 3, 2)) * 50).astype(dtype)
+    path = tmp_path / "d.npy"
+    np.save(path, x)
+    ds = load_data(path)
+    assert not ds.lazy and isinstance(ds.inputs, torch.Tensor)
+    expect = torch.from_numpy(np.load(path).astype(np.float32))
+    assert ds.inputs.dtype == torch.float32 and torch.equal(ds.inputs, expect)
+
+
+def test_small_safetensors_loads_as_the_tensors_safetensors_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(data_mod, "WHOLE_MAX_BYTES", 64 << 20)
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path / "d.safetensors"
+    save_file({"aaa": torch.ones(3), "inputs": torch.randn(30, 5, generator=g).half(),
+               "targets": torch.randint(0, 9, (30,), generator=g).to(torch.int32)}, str(path))
+    ds = load_data(path)
+    whole = load_file(str(path))
+    assert not ds.lazy and isinstance(ds.targets, torch.Tensor)
+    assert torch.equal(ds.inputs, whole["inputs"].float())
+    assert ds.targets.dtype == torch.int64 and torch.equal(ds.targets, whole["targets"].long())
+
+
+def test_the_limit_counts_inputs_and_targets_as_held_in_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """uint8 pixels become float32 (4 bytes each) and int32 labels int64: that is what counts."""
+    path = tmp_path / "d.safetensors"
+    save_file({"inputs": torch.zeros(10, 4, dtype=torch.uint8),
+               "targets": torch.zeros(10, dtype=torch.int32)}, str(path))
+    held = 10 * 4 * 4 + 10 * 8
+    for limit, lazy in ((held, False), (held - 1, True)):
+        monkeypatch.setattr(data_mod, "WHOLE_MAX_BYTES", limit)
+        assert load_data(path).lazy is lazy
