@@ -85,11 +85,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qatconv.errors import DataError, describe
 from qatconv.pair_record import PairRecord
+from qatconv.record import TensorMeta
 
 __all__ = [
     "SKIP_CODES",
@@ -816,9 +816,33 @@ def _resolve(root: nn.Module, target: str) -> Any:
 def _propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         raise _sample_does_not_run(exc) from exc
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """What ``torch.fx.passes.shape_prop.ShapeProp`` records that the pair rules read: each node
+    that computes tensors gets ``meta["tensor_meta"]``, a `TensorMeta` (or, for a tuple or list
+    of tensors, the same structure of them). ShapeProp imports sympy and
+    torch.fx.experimental.symbolic_shapes (0.65-1.0 s a process) for its fake-tensor mode,
+    which a run on a real sample never uses."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def meta(value: Any) -> Any:
+            nonlocal found
+            if not isinstance(value, torch.Tensor):
+                return value
+            found = True
+            return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+
+        tensor_meta = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        return result
 
 
 def _scan_graph(

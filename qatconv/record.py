@@ -14,8 +14,8 @@ same kinds of nodes tracing makes:
   (``torch.from_numpy``): a use the recording cannot follow is still a use;
 * one ``output`` node whose arguments are every tensor leaf of the model's output.
 
-Every node holding a tensor gets ``meta["tensor_meta"]`` with its shape, as ShapeProp gives a
-traced graph, so the pair rules of `qatconv.pairs` run on this graph unchanged. The graph is
+Every node holding a tensor gets ``meta["tensor_meta"]`` (a `TensorMeta`), as shape propagation
+gives a traced graph in `qatconv.pairs`, so the pair rules of `qatconv.pairs` run on this graph unchanged. The graph is
 the dataflow of this input shape only: a branch the sample did not take is not in it.
 
 Ghost BatchNorm (TabNet's GBN: ``cat([bn(c) for c in x.chunk(k, 0)])``) is one affine map per
@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from qatconv.outputs import iter_leaves
 
-__all__ = ["Recording", "record_graph"]
+__all__ = ["Recording", "TensorMeta", "record_graph"]
 
 _SPLITS = frozenset({"chunk", "split", "tensor_split", "unbind"})
 
@@ -82,7 +82,7 @@ class _Recorder:
     def bind(self, t: torch.Tensor, node: fx.Node) -> None:
         self.nodes[id(t)] = node
         self.alive.append(t)
-        node.meta["tensor_meta"] = _TensorMeta(tuple(int(s) for s in t.shape), t.dtype)
+        node.meta["tensor_meta"] = TensorMeta(tuple(int(s) for s in t.shape), t.dtype)
 
     def to_args(self, obj: Any) -> Any:
         return fx.node.map_aggregate(
@@ -120,8 +120,9 @@ class _Recorder:
 
 
 @dataclass(frozen=True)
-class _TensorMeta:
-    """What ShapeProp's TensorMetadata gives the pair rules: the shape (and dtype)."""
+class TensorMeta:
+    """What ShapeProp's TensorMetadata gives the pair rules: the shape (and dtype). Both graph
+    sources write it: this recording, and `qatconv.pairs`'s shape propagation of a trace."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype

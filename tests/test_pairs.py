@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -296,6 +297,75 @@ def test_bad_sample_is_a_data_error() -> None:
         find_pairs(edge_cases.TwoBlockMLP(), (torch.randn(3, 7),))
     with pytest.raises(DataError, match="sample input"):
         find_pairs(edge_cases.ControlFlow(), (torch.randn(3, 7),))
+
+
+# ------------------------------------------------------------- shape propagation vs ShapeProp
+
+
+class TupleOutputs(nn.Module):
+    """Tuple-valued nodes (chunk, a max's values and indices) and a tuple/dict model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        a, b = self.fc(x).chunk(2, dim=1)
+        top = b.max(dim=1)
+        return self.bn(a), {"top": (top.values, top.indices), "b": b.double()}
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(5, 6),)
+
+
+class TokenTranspose(nn.Module):
+    """Token-wise (N, L, C) input: Linear, BN over C through transposes, a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(h)).sum(dim=1, keepdim=True)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(3, 4, 6),)
+
+
+def _shapes_and_dtypes(meta: Any) -> Any:
+    """A node's ``tensor_meta`` as nested (shape, dtype) pairs: ShapeProp's and ours alike."""
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return tuple(int(d) for d in meta.shape), meta.dtype
+    if isinstance(meta, (tuple, list)):
+        return type(meta).__name__ == "list", tuple(_shapes_and_dtypes(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _shapes_and_dtypes(v) for k, v in meta.items()}
+    return meta
+
+
+_TRACED = [n for n, c in CASES.items() if c.traced]
+
+
+@pytest.mark.parametrize("name", [*_TRACED, "TupleOutputs", "TokenTranspose"])
+def test_shape_propagation_records_what_shapeprop_does(name: str) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from qatconv import pairs
+
+    model = CASES[name].model() if name in CASES else globals()[name]()
+    model.eval()
+    inputs = model.example_inputs()
+    theirs, ours = (pairs._trace(copy.deepcopy(model)) for _ in range(2))
+    with torch.no_grad():
+        ShapeProp(theirs).propagate(*inputs)
+    pairs._propagate_shapes(ours, inputs)
+    want = {n.name: _shapes_and_dtypes(n.meta["tensor_meta"])
+            for n in theirs.graph.nodes if "tensor_meta" in n.meta}
+    got = {n.name: _shapes_and_dtypes(n.meta["tensor_meta"])
+           for n in ours.graph.nodes if "tensor_meta" in n.meta}
+    assert got == want
+    assert len(want) >= 4
 
 
 # --------------------------------------------------------------------------- shape ops
