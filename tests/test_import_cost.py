@@ -1,4 +1,5 @@
-"""What `prepare --mode calibrate` and a plain `fold --model --weights` leave unimported: sympy and
+"""What `prepare` (calibrate and fine-tune) and a plain `fold --model --weights` leave unimported:
+torch._dynamo (torch.optim's optimizers import it, 1.5-2.6 s; see qatconv/optim.py), sympy and
 torch.fx.experimental.symbolic_shapes (ShapeProp imports them, 0.65-1.0 s; see
 `_ShapeRecorder` in qatconv/pairs.py).
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
-WATCHED = ("sympy", "torch.fx.experimental.symbolic_shapes")
+WATCHED = ("torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes")
 
 SCRIPT = r"""
 import contextlib, io, json, sys
@@ -35,13 +36,16 @@ print(json.dumps({"codes": codes, "imported": [m for m in json.loads(sys.argv[2]
 """
 
 
-def test_prepare_and_plain_fold_do_not_import_sympy(tmp_path: Path) -> None:
+def test_prepare_and_plain_fold_import_neither_dynamo_nor_sympy(tmp_path: Path) -> None:
     model = ["--model", str(SAMPLES / "digits_mlp.py:DigitsMLP"),
              "--weights", str(SAMPLES / "digits_mlp.safetensors")]
     prepare = ["prepare", *model, "--data", str(SAMPLES / "digits_calib.npz"), "--threads", "1",
                "--no-sensitivity", "--quiet", "--force"]
+    finetune = [*prepare, "--mode", "finetune", "--steps", "3", "--batch-size", "16"]
     argvs = [
         [*prepare, "-o", str(tmp_path / "calibrated.safetensors")],  # pairs found on the data
+        [*finetune, "-o", str(tmp_path / "adam.safetensors")],
+        [*finetune, "--optimizer", "sgd", "-o", str(tmp_path / "sgd.safetensors")],
         ["fold", *model, "--quiet", "-o", str(tmp_path / "folded.safetensors")],
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
