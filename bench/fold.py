@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -176,19 +177,21 @@ proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
 wall = time.perf_counter() - start
 with open(sys.argv[1], "w") as f:
-    json.dump({"wall": wall, "maxrss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
+    json.dump({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss,
+               "rc": os.waitstatus_to_exitcode(status)}, f)
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, float]:
-    """Run one tool; return (wall seconds, peak RSS MiB) of that tool's process alone."""
+def run_child(argv: list[str]) -> tuple[float, float, float]:
+    """Run one tool; return (wall seconds, user+sys CPU seconds, peak RSS MiB) of that tool's
+    process alone (CPU time is less noisy than wall time on a busy or writeback-bound VM)."""
     result = WORK / "launcher.json"
     subprocess.run([sys.executable, "-c", _LAUNCHER, str(result), *argv], cwd=ROOT, check=True)
     r = json.loads(result.read_text())
     result.unlink()
     if r["rc"] != 0:
         raise SystemExit(f"{argv[:3]}... failed with exit code {r['rc']}")
-    return r["wall"], r["maxrss_kib"] / 1024  # Linux reports KiB
+    return r["wall"], r["cpu"], r["maxrss_kib"] / 1024  # Linux reports KiB
 
 
 def model_file(hidden: int) -> tuple[Path, Path]:
@@ -262,7 +265,8 @@ def main() -> None:
     ap.add_argument("--prepare", action="store_true",
                     help="also `qatconv prepare --mode calibrate` of the checkpoint (peak RSS)")
     ap.add_argument("--only", default="", help="comma-separated tool names to run (default all; "
-                    "the load+save baseline always runs)")
+                    "the load+save baseline always runs; a comma followed by a space is part "
+                    "of a name)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "fold.json")
     args = ap.parse_args()
 
@@ -271,13 +275,14 @@ def main() -> None:
     dst = WORK / "fold-out.safetensors"
     cmds = commands(src, qat_src, hidden, dst, args.prepare)
     if args.only:
-        keep = {*args.only.split(","), BASELINE}
+        # Split on commas not followed by a space: "qatconv fold_file, fsync=False" is one name.
+        keep = {*re.split(r",(?! )", args.only), BASELINE}
         cmds = {k: v for k, v in cmds.items() if k in keep}
     for p in (src, qat_src):  # warm the page cache: every tool then reads from memory
         subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
     print(f"checkpoint: {LAYERS} x (Linear({hidden}, {hidden}) + BatchNorm1d), {file_mib:.0f} MiB; "
           f"{args.repeat} interleaved rounds", file=sys.stderr)  # fmt: skip
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cmds}
     kept: dict[str, Path] = {}
     # Warm-up rounds are not recorded: on a VM the first touches of guest memory (page cache
     # for the outputs, the tools' own allocations) are much slower than later ones.
@@ -287,12 +292,13 @@ def main() -> None:
         rng.shuffle(order)  # no tool always runs right after the same other tool
         for name, argv in order:
             dst.unlink(missing_ok=True)
-            wall, rss = run_child(argv)
+            wall, cpu, rss = run_child(argv)
             label = "warm-up" if r < 0 else f"round {r + 1}"
-            print(f"  {label} {name}: {wall:.2f} s, {rss:.0f} MiB", file=sys.stderr)
+            print(f"  {label} {name}: {wall:.2f} s, user+sys {cpu:.2f} s, {rss:.0f} MiB",
+                  file=sys.stderr)
             if r < 0:
                 continue
-            samples[name].append((wall, rss))
+            samples[name].append((wall, cpu, rss))
             if r == args.repeat - 1 and name in ("torch.ao fuse_modules", "torch.fx fuse",
                                                   "qatconv fold_file", CLI, CLI_PLAIN):  # fmt: skip
                 keep = WORK / f"last-{len(kept)}.safetensors"
@@ -303,18 +309,23 @@ def main() -> None:
     for p in kept.values():
         p.unlink()
 
-    base = statistics.median(w for w, _ in samples[BASELINE])
+    base = statistics.median(w for w, _, _ in samples[BASELINE])
+    base_cpu = statistics.median(c for _, c, _ in samples[BASELINE])
     rows = []
     for name, runs in samples.items():
-        wall = statistics.median(w for w, _ in runs)
-        rss = statistics.median(m for _, m in runs)
+        wall = statistics.median(w for w, _, _ in runs)
+        cpu = statistics.median(c for _, c, _ in runs)
+        rss = statistics.median(m for _, _, m in runs)
         rows.append({"tool": name, "wall_s": wall, "wall_vs_load_save": wall / base,
+                     "cpu_s": cpu, "cpu_vs_load_save": cpu / base_cpu,
                      "peak_rss_mib": rss, "rss_vs_file": rss / file_mib,
-                     "samples": [{"wall_s": w, "peak_rss_mib": m} for w, m in runs]})  # fmt: skip
-    print("| tool | wall s | vs load+save | peak RSS MiB | RSS / file size |")
-    print("|---|---:|---:|---:|---:|")
+                     "samples": [{"wall_s": w, "cpu_s": c, "peak_rss_mib": m}
+                                 for w, c, m in runs]})  # fmt: skip
+    print("| tool | wall s | vs load+save | user+sys s | vs load+save | peak RSS MiB | RSS / file |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['tool']} | {row['wall_s']:.2f} | {row['wall_vs_load_save']:.2f}x | "
+              f"{row['cpu_s']:.2f} | {row['cpu_vs_load_save']:.2f}x | "
               f"{row['peak_rss_mib']:.0f} | {row['rss_vs_file']:.2f}x |")  # fmt: skip
     print("\nlayer-0 max abs difference from torch's float64 fold: "
           + ", ".join(f"{k}: {v:.3g}" for k, v in diffs.items()))  # fmt: skip
