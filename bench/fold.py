@@ -15,6 +15,8 @@ is that child's `ru_maxrss` (os.wait4), its wall time includes interpreter start
 - torch.fx fuse: same, with torch.fx.experimental.optimization.fuse(model) (copies the model).
 - qatconv fold_file, float layout (FoldPair.from_float_record), fsync on (the default).
 - qatconv fold_file, same with fsync=False (what the other tools do).
+- qatconv fold_file (write path): posix_fallocate refused, so the output is written with
+  os.write instead of through a mapping (what a filesystem without fallocate gets).
 - qatconv fold_file, QAT layout (FoldPair.from_qat_record, --emit-qparams).
 - qatconv fold (CLI): the real command, `qatconv fold QAT.safetensors -o OUT`, on the QAT-layout
   file (model-free; reads the pairs from the file's qatconv metadata).
@@ -107,6 +109,14 @@ pairs = [FoldPair.from_qat_record(r, quant_range=(-128, 127)) for r in recs]
 fold_file(Path({qat_src!r}), Path({dst!r}), pairs, metadata={{}}, emit_qparams=True)
 """,
 }
+# The same fold with posix_fallocate refused (as on a filesystem without it): fold_file then
+# writes with os.write from a background thread instead of through a mapping of the output.
+SCRIPTS["qatconv fold_file (write path)"] = """
+import errno, os
+def _unsupported(*args):
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+os.posix_fallocate = _unsupported
+""" + SCRIPTS["qatconv fold_file"]
 NO_FSYNC = "qatconv fold_file, fsync=False"
 CLI = "qatconv fold (CLI)"
 CLI_PLAIN = "qatconv fold --model --weights (CLI)"

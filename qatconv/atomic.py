@@ -6,6 +6,12 @@ the folder is then fsynced so the rename itself is durable. Any exception — in
 ``KeyboardInterrupt`` that the CLI raises for SIGINT and SIGTERM — removes the temporary file,
 so a failed or interrupted command leaves neither a partial output nor a stray temp file.
 
+A writer that knows the file's size up front may `AtomicFile.map` it: the whole size is reserved
+with ``posix_fallocate`` first (a full disk is an `OutputError` there, before any data is
+written, instead of a SIGBUS on a page of the mapping later), then the temporary file is mapped
+read-write. Where the filesystem cannot reserve space, `map` returns None and the caller writes
+with ``os.write`` as before.
+
 Also here: `copy_fd_chunk`, the one file-to-file copy (in the kernel where the platform allows,
 else through a buffer). Imports no torch.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +54,7 @@ class AtomicFile:
         self.fsync = fsync
         self._auto_commit = commit
         self.fd: int | None = None
+        self.mapping: mmap.mmap | None = None
         self.finished = False
 
     def __enter__(self) -> AtomicFile:
@@ -73,17 +81,51 @@ class AtomicFile:
     def open(self) -> int:
         """Create (or truncate) the temporary file; returns its descriptor."""
         try:
+            # Read-write: a shared writable mapping (`map`) needs a descriptor open for reading.
             self.fd = os.open(
-                self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
+                self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
             )
         except OSError as e:
             raise self.error(e) from None
         return self.fd
 
-    def finish(self) -> None:
-        """Fsync (when asked) and close the temporary file."""
+    def map(self, size: int) -> mmap.mmap | None:
+        """Reserve ``size`` bytes for the open temporary file and map them read-write.
+
+        Returns None (nothing reserved, the file unchanged) where the filesystem or platform
+        cannot reserve space or map the file: the caller then writes with `write_all`.
+
+        Raises:
+            OutputError: the space cannot be reserved (disk full, file size limit, quota).
+        """
         fd = self.require_fd()
+        if size <= 0 or not hasattr(os, "posix_fallocate"):
+            return None
         try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE:
+                raise self.error(e) from None
+            logger.debug("posix_fallocate unavailable for %s (%s): plain writes", self.temp_path, e)
+            return None
+        try:
+            self.mapping = mmap.mmap(fd, size)
+        except OSError as e:  # a filesystem without shared writable mappings
+            logger.debug("cannot map %s (%s): plain writes", self.temp_path, e)
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as e2:
+                raise self.error(e2) from None
+            return None
+        return self.mapping
+
+    def finish(self) -> None:
+        """Unmap, fsync (when asked) and close the temporary file."""
+        fd = self.require_fd()
+        self._unmap()
+        try:
+            # fsync also writes back the pages dirtied through the mapping (Linux keeps one
+            # page cache for both), so no separate msync is needed.
             if self.fsync:
                 os.fsync(fd)
             os.close(fd)
@@ -106,7 +148,8 @@ class AtomicFile:
             fsync_dir(self.final_path.parent)
 
     def discard(self) -> None:
-        """Close and remove the temporary file; safe to call more than once."""
+        """Unmap, close and remove the temporary file; safe to call more than once."""
+        self._unmap()
         if self.fd is not None:
             try:
                 os.close(self.fd)
@@ -116,6 +159,17 @@ class AtomicFile:
             os.unlink(self.temp_path)
         except FileNotFoundError:
             pass
+
+    def _unmap(self) -> None:
+        if self.mapping is None:
+            return
+        try:
+            self.mapping.close()
+        except BufferError:
+            # A view of the mapping is still referenced (say, by a traceback's frame): the
+            # mapping goes when that view does; the file's data is in the page cache either way.
+            logger.debug("%s: mapping still in use; left to the garbage collector", self.temp_path)
+        self.mapping = None
 
     def require_fd(self) -> int:
         if self.fd is None:
@@ -157,6 +211,10 @@ def fsync_dir(folder: Path) -> None:
     finally:
         os.close(fd)
 
+
+# Errors of posix_fallocate that mean "not supported here" (some network filesystems, special
+# files) rather than "no space".
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.ENODEV}
 
 # Errors after which an in-kernel copy method is unavailable for this pair of files (other
 # filesystem, old kernel, special file) and the next method is tried.

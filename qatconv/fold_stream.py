@@ -1,10 +1,16 @@
-"""The streaming fold, file to file: plan, then write shards through a background write queue.
+"""The streaming fold, file to file: plan, then write each shard through a mapping of its output.
 
-`fold_file` never maps or loads the checkpoint: headers are parsed without torch, tensors that
-pass through are copied file to file inside the kernel, and each folded weight is read,
-scaled and written a block of rows at a time through one reused buffer, so memory stays a
-few tens of MB whatever the checkpoint's size. `fold_plan.fold_state_dict` does the same in
-memory, and both produce the same tensors (and, saved with safetensors, the same bytes).
+`fold_file` never maps or loads the checkpoint: headers are parsed without torch and every
+read is a ``pread`` (a checkpoint cut short while it is folded is a `CheckpointError`, not a
+SIGBUS). Each output shard is reserved whole (``posix_fallocate``: a full disk fails before any
+work) and mapped (`st_format.StreamWriter` with ``map_output``); each folded weight is read a
+block of rows at a time straight into the mapped output and scaled there, and tensors that
+pass through are copied file to file inside the kernel. Windows of the output already written
+are dropped from the mapping as the fold moves on, so memory stays a few tens of MB whatever
+the checkpoint's size. Where the output's filesystem cannot reserve space, blocks are read
+into two reused buffers and written with ``os.write`` on a background thread instead; both
+ways give the same bytes. `fold_plan.fold_state_dict` does the same in memory, and both
+produce the same tensors (and, saved with safetensors, the same bytes).
 """
 
 from __future__ import annotations
@@ -165,7 +171,8 @@ def _write_files(
     try:
         buffers = _Buffers()
         for entries, target in zip(shards, targets, strict=False):
-            writer = st_format.StreamWriter(target, entries, meta, fsync=fsync, commit=False)
+            writer = st_format.StreamWriter(target, entries, meta, fsync=fsync, commit=False,
+                                            map_output=True)
             shard_writers.append(writer)
             files.append(writer)
             with writer:
@@ -195,17 +202,18 @@ def _write_shard(
     buffers: _Buffers,
     on_pair: Callable[[str], None] | None,
 ) -> None:
-    """Queue every tensor of one shard (copy, small tensor or folded weight); wait for them."""
+    """Write every tensor of one shard (copy, small tensor or folded weight); through the queue
+    (and wait for it) unless the output is mapped, where there is no write call to overlap."""
     done = False
+    submit = _call_now if writer.mapped else queue.submit
     try:
         for o in outputs:
             if o.source is not None:
                 fd, h = source.locate(o.source)
                 info = h.tensors[o.source]
-                queue.submit(writer.copy_range, fd, h.data_start + info.begin, info.nbytes,
-                             o.name)  # fmt: skip
+                submit(writer.copy_range, fd, h.data_start + info.begin, info.nbytes, o.name)
             elif o.data is not None:
-                queue.submit(writer.write, o.name, st_arrays.array_bytes(o.data))
+                submit(writer.write, o.name, st_arrays.array_bytes(o.data))
             else:
                 assert o.pair is not None
                 pp = o.pair
@@ -218,6 +226,10 @@ def _write_shard(
     finally:
         if not done:  # stop the writes before the temp file is removed
             queue.abort()
+
+
+def _call_now(fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
 
 
 class _WriteQueue:
@@ -277,9 +289,13 @@ class _Buffers:
             self.busy[i] = None
         if len(self.raw[i]) < nbytes:
             self.raw[i] = bytearray(nbytes)
+        return i, self.raw[i]
+
+    def scratch(self, elements: int) -> np.ndarray:
+        """A float32 scratch array of ``elements`` values (16-bit weights are scaled in it)."""
         if self.f32.size < elements:
             self.f32 = np.empty(elements, dtype=np.float32)
-        return i, self.raw[i]
+        return self.f32[:elements]
 
 
 def _stream_weight(
@@ -291,7 +307,35 @@ def _stream_weight(
     name: str,
     buffers: _Buffers,
 ) -> None:
-    """Fold one weight block by block: pread, scale in float64, cast, queue the write.
+    """Fold one weight block by block: pread, scale in float64, cast, in place.
+
+    A mapped output is read into and scaled where it lies (`StreamWriter.chunk_view`);
+    otherwise each block goes through one of two buffers and its write is queued.
+    """
+    rows, cols = pp.shape
+    if rows * cols == 0:
+        if writer.mapped:
+            writer.write(name, b"")
+        else:
+            queue.submit(writer.write, name, b"")
+        return
+    itemsize = SIZES[pp.weight_dtype]
+    block = max(1, CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        n = (r1 - r0) * cols
+        if writer.mapped:
+            slot, raw = None, writer.chunk_view(name, n * itemsize)
+        else:
+            slot, raw = buffers.next(queue, n * itemsize, n)
+        view = st_format.read_tensor_bytes(fd, header, pp.pair.weight_key, r0, r1, out=raw)
+        _scale_rows(view, pp, r0, r1, buffers)
+        if slot is not None:
+            buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
+
+
+def _scale_rows(raw: memoryview, pp: PairPlan, r0: int, r1: int, buffers: _Buffers) -> None:
+    """Scale rows ``[r0, r1)`` of ``pp``'s weight, stored in ``raw``, in place.
 
     numpy's ufunc computes ``w * s`` in float64 in small internal buffers and casts each
     result straight into the output, so a block costs about one pass over memory instead of
@@ -299,40 +343,30 @@ def _stream_weight(
     up-cast, one IEEE float64 product, round to nearest even). 16-bit weights go through
     float32 because that is how torch casts float64 to float16 / bfloat16 (double rounding),
     and the result must equal torch's (`st_arrays.from_float`).
+
+    Raises:
+        CheckpointError: a folded value is NaN or inf (`check_folded` names the pair).
     """
-    rows, cols = pp.shape
-    if rows * cols == 0:
-        queue.submit(writer.write, name, b"")
-        return
-    itemsize = SIZES[pp.weight_dtype]
-    block = max(1, CHUNK_ELEMENTS // cols)
-    scale = pp.scale
-    key = pp.pair.weight_key
-    for r0 in range(0, rows, block):
-        r1 = min(rows, r0 + block)
-        n = (r1 - r0) * cols
-        slot, raw = buffers.next(queue, n * itemsize, n)
-        view = st_format.read_tensor_bytes(fd, header, key, r0, r1, out=raw)
-        s = scale[r0:r1, None]
-        with np.errstate(over="ignore", invalid="ignore"):
-            if pp.weight_dtype in ("F32", "F64"):
-                np_dtype = np.float32 if pp.weight_dtype == "F32" else np.float64
-                w = np.frombuffer(raw, dtype=np_dtype, count=n).reshape(r1 - r0, cols)
-                np.multiply(w, s, out=w, casting="unsafe")
-                total = float(w.sum())
-            else:
-                w16 = st_arrays.storage(raw, pp.weight_dtype, count=n)
-                acc = buffers.f32[:n].reshape(r1 - r0, cols)
-                acc[...] = st_arrays.to_float(w16, pp.weight_dtype, np.float32).reshape(acc.shape)
-                np.multiply(acc, s, out=acc, casting="unsafe")
-                w16[...] = st_arrays.from_float(acc, pp.weight_dtype).reshape(-1)
-                # Summed after the cast: a value that overflows the 16-bit type is inf there.
-                total = float(st_arrays.to_float(w16, pp.weight_dtype, np.float32).sum())
-        # A sum is finite unless some value is NaN/inf (or the sum overflows: then look closer).
-        if not math.isfinite(total):
-            check_folded(pp.pair, st_arrays.storage(raw, pp.weight_dtype, count=n),
-                         pp.weight_dtype)
-        buffers.busy[slot] = queue.submit(writer.write_chunk, name, view)
+    cols = pp.shape[1]
+    n = (r1 - r0) * cols
+    s = pp.scale[r0:r1, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        if pp.weight_dtype in ("F32", "F64"):
+            np_dtype = np.float32 if pp.weight_dtype == "F32" else np.float64
+            w = np.frombuffer(raw, dtype=np_dtype, count=n).reshape(r1 - r0, cols)
+            np.multiply(w, s, out=w, casting="unsafe")
+            total = float(w.sum())
+        else:
+            w16 = st_arrays.storage(raw, pp.weight_dtype, count=n)
+            acc = buffers.scratch(n).reshape(r1 - r0, cols)
+            acc[...] = st_arrays.to_float(w16, pp.weight_dtype, np.float32).reshape(acc.shape)
+            np.multiply(acc, s, out=acc, casting="unsafe")
+            w16[...] = st_arrays.from_float(acc, pp.weight_dtype).reshape(-1)
+            # Summed after the cast: a value that overflows the 16-bit type is inf there.
+            total = float(st_arrays.to_float(w16, pp.weight_dtype, np.float32).sum())
+    # A sum is finite unless some value is NaN/inf (or the sum overflows: then look closer).
+    if not math.isfinite(total):
+        check_folded(pp.pair, st_arrays.storage(raw, pp.weight_dtype, count=n), pp.weight_dtype)
 
 
 def _split(

@@ -8,7 +8,11 @@ to the buffer start; ``__metadata__`` maps strings to strings. Reading only the 
 Writing is sequential (`StreamWriter`): the header is computed from the declared tensor list,
 then each tensor's bytes are appended in that order, either from memory or copied file to file
 inside the kernel (`os.copy_file_range`), so tensors that pass through never enter Python's
-memory. Data is little-endian, as the format requires (like safetensors, we assume a
+memory. With ``map_output`` the writer reserves the whole file up front and maps it, so that a
+caller can compute a tensor straight into the output (`StreamWriter.chunk_view`) instead of
+into a buffer that ``os.write`` then copies; finished windows of the mapping are dropped as the
+writer moves on, so memory stays bounded. Only the output is ever mapped: reading stays
+``pread``. Data is little-endian, as the format requires (like safetensors, we assume a
 little-endian host).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import stat
 import struct
@@ -428,7 +433,9 @@ def _short(path: Path, name: str) -> CheckpointError:
 _COPY_STEP = 32 << 20  # bytes per copy syscall
 # With fsync on, data is pushed to disk while it is written and dropped from the page cache
 # one window behind the write position: the final fsync then has one window left to flush,
-# and the file never holds more than two windows of dirty page cache.
+# and the file never holds more than two windows of dirty page cache. A mapped output drops
+# the same windows from the process's mapping (MADV_DONTNEED), fsync or not: this process
+# then never has more than two windows of the output resident.
 _WRITEBACK_WINDOW = 32 << 20
 
 
@@ -439,14 +446,18 @@ class StreamWriter:
     ``entries`` (name, dtype, shape) fix the header and the data order up front. Inside the
     ``with`` block each tensor's bytes must arrive in that order and in exactly the declared
     amount: `write` (whole tensor), `write_chunk` (pieces, accumulated), `copy_range` (bytes
-    copied from another file inside the kernel). Bytes go to ``.<name>.tmp-<pid>`` beside
-    ``final_path``; a clean exit checks that every tensor is complete, fsyncs and renames the
-    file onto ``final_path`` (``commit=False`` leaves the rename to `commit`, to publish several
-    files together). An exception, or an incomplete tensor, removes the temporary file.
+    copied from another file inside the kernel) and, when `mapped`, `chunk_view` (the next
+    piece as a writable view of the output, for the caller to fill). ``map_output`` asks for
+    the mapping (`AtomicFile.map`: space reserved first); where the filesystem cannot reserve
+    space `mapped` stays False and the same calls write with ``os.write``, byte for byte the
+    same file. Bytes go to ``.<name>.tmp-<pid>`` beside ``final_path``; a clean exit checks
+    that every tensor is complete, fsyncs and renames the file onto ``final_path``
+    (``commit=False`` leaves the rename to `commit`, to publish several files together). An
+    exception, or an incomplete tensor, removes the temporary file.
 
     Raises:
-        OutputError: the temporary file cannot be created or written (folder missing,
-            disk full, permissions).
+        OutputError: the temporary file cannot be created, reserved or written (folder
+            missing, disk full, permissions).
         ValueError: bytes out of the declared order or size (a bug in the caller).
     """
 
@@ -458,8 +469,11 @@ class StreamWriter:
         *,
         fsync: bool = True,
         commit: bool = True,
+        map_output: bool = False,
     ) -> None:
         self._file = AtomicFile(final_path, fsync=fsync, commit=commit)
+        self._map_output = map_output
+        self._view: memoryview | None = None  # of the mapping, while mapped
         self.header_bytes, self.offsets = build_header(entries, metadata)
         self.size = len(self.header_bytes) + sum(e - b for b, e in self.offsets.values())
         self._names = [e[0] for e in entries]
@@ -478,9 +492,21 @@ class StreamWriter:
     def temp_path(self) -> Path:
         return self._file.temp_path
 
+    @property
+    def mapped(self) -> bool:
+        """True while the output is written through a mapping (inside the ``with`` block)."""
+        return self._view is not None
+
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> StreamWriter:
         self._file.open()
+        try:
+            mapping = self._file.map(self.size) if self._map_output else None
+        except BaseException:
+            self._file.discard()
+            raise
+        if mapping is not None:
+            self._view = memoryview(mapping)
         self._write_all(self.header_bytes)
         return self
 
@@ -494,8 +520,10 @@ class StreamWriter:
             try:
                 self._check_complete()
             except BaseException:
+                self._release_view()
                 self._file.discard()
                 raise
+        self._release_view()
         self._file.__exit__(exc_type, exc, tb)
 
     def commit(self) -> None:
@@ -506,6 +534,7 @@ class StreamWriter:
 
     def discard(self) -> None:
         """Close and remove the temporary file; safe to call more than once."""
+        self._release_view()
         self._file.discard()
 
     # -- data ------------------------------------------------------------------------------
@@ -528,6 +557,21 @@ class StreamWriter:
         self._write_all(view)
         self._advance(len(view))
 
+    def chunk_view(self, name: str, nbytes: int) -> memoryview:
+        """The next ``nbytes`` of tensor ``name`` as a writable view of the mapped output.
+
+        The bytes count as written: the caller fills the view before its next call to the
+        writer (what the view holds then is what the file holds). Only while `mapped`.
+        """
+        if self._view is None:
+            raise ValueError("chunk_view() needs a mapped output (map_output=True, inside `with`)")
+        self._claim(name, nbytes)
+        self._writeback()  # drops windows before this view, never the view itself
+        start = self._pos
+        self._pos += nbytes
+        self._advance(nbytes)
+        return self._view[start : start + nbytes]
+
     def copy_range(self, src_fd: int, offset: int, nbytes: int, name: str | None = None) -> None:
         """Append ``nbytes`` read from ``src_fd`` at ``offset`` to the tensor being written.
 
@@ -538,6 +582,8 @@ class StreamWriter:
         fd = self._file.require_fd()
         left = nbytes
         try:
+            if self._view is not None:  # the copy writes at the file position, not the view's
+                os.lseek(fd, self._pos, os.SEEK_SET)
             while left > 0:
                 k, self.copy_method = copy_fd_chunk(
                     src_fd, fd, offset, min(left, _COPY_STEP), self.copy_method
@@ -588,19 +634,35 @@ class StreamWriter:
             self._filled = 0
 
     def _write_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._pos += self._file.write_all(data)
+        if self._view is None:
+            self._pos += self._file.write_all(data)
+        else:
+            view = memoryview(data).cast("B")
+            self._view[self._pos : self._pos + len(view)] = view
+            self._pos += len(view)
         self._writeback()
 
     def _writeback(self) -> None:
-        # FADV_DONTNEED starts writeback of the dirty pages in its range without waiting and
-        # drops the pages already clean: called on the window before the last one, it keeps
-        # the disk busy during the fold and recycles page cache instead of growing it.
-        if not self._file.fsync or not _HAS_FADVISE:
+        # MADV_DONTNEED unmaps a finished window (its dirty pages stay in the page cache);
+        # FADV_DONTNEED then starts writeback of the dirty pages in its range without waiting
+        # and drops the pages already clean: called on the window before the last one, it
+        # keeps the disk busy during the fold and recycles page cache instead of growing it.
+        fadvise = self._file.fsync and _HAS_FADVISE
+        mapping = self._file.mapping if self._view is not None else None
+        if not fadvise and mapping is None:
             return
         while self._pos - self._flushed >= 2 * _WRITEBACK_WINDOW:
-            fd = self._file.require_fd()
-            os.posix_fadvise(fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED, self._flushed, _WRITEBACK_WINDOW)
+            if fadvise:
+                fd = self._file.require_fd()
+                os.posix_fadvise(fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
             self._flushed += _WRITEBACK_WINDOW
+
+    def _release_view(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
 
     def _check_complete(self) -> None:
         while self._i < len(self._names) and self._sizes[self._i] == 0 and self._filled == 0:
@@ -611,7 +673,8 @@ class StreamWriter:
                 f"{self._sizes[self._i]} bytes written"
             )
         try:
-            end = os.lseek(self._file.require_fd(), 0, os.SEEK_CUR)
+            end = self._pos if self._view is not None else os.lseek(
+                self._file.require_fd(), 0, os.SEEK_CUR)
         except OSError as e:
             raise self._file.error(e) from None
         if end != self.size:

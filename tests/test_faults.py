@@ -181,6 +181,22 @@ def test_disk_full_in_process(
     assert files_in(tmp_path) == []
 
 
+def test_disk_full_when_reserving(
+    tmp_path: Path, qat_ckpt: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold reserves each output file whole before writing it: a full disk fails there
+    (exit 3, the temp file removed), never as a SIGBUS on a page of the mapped output."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert_error(cli("fold", qat_ckpt, "-o", tmp_path / "f.safetensors"), 3, "no space left")
+    assert_error(cli("fold", qat_ckpt, "-o", tmp_path / "g.safetensors", "--max-shard-size",
+                     "20000"), 3, "no space left")  # fmt: skip
+    assert files_in(tmp_path) == []
+
+
 def _fail_nosys(*a: object, **k: object) -> int:
     raise OSError(errno.ENOSYS, "not here")  # forces StreamWriter's pread + os.write fallback
 

@@ -3,6 +3,7 @@ against the in-memory fold and safetensors' reader."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import replace
@@ -212,6 +213,10 @@ def _qat_checkpoint(
         bn = path[:-1] + str(int(path[-1]) + 1)
         records.append(_record(path, bn, m.out_features, m.in_features, m.bias is not None))
     return t, records, mods
+
+
+def _no_fallocate(fd: int, offset: int, length: int) -> None:
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")  # as on some network filesystems
 
 
 def _listing(folder: Path) -> list[str]:
@@ -440,6 +445,8 @@ def test_failures_while_streaming_stop_the_writes_and_clean_up(
     src = tmp_path / "in.safetensors"
     monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 5)  # one row per block: many queued writes
     # A write fails on the background thread (disk full): the error surfaces, nothing stays.
+    # (Only the unmapped output has that thread: force it, as a filesystem without fallocate.)
+    monkeypatch.setattr(os, "posix_fallocate", _no_fallocate)
     calls = {"n": 0}
     real = st_format.StreamWriter.write_chunk
 
@@ -455,6 +462,8 @@ def test_failures_while_streaming_stop_the_writes_and_clean_up(
         fold_file(src, tmp_path / "out.safetensors", pairs, metadata={})
     assert _listing(tmp_path) == ["in.safetensors"]
     monkeypatch.setattr(st_format.StreamWriter, "write_chunk", real)
+    monkeypatch.undo()
+    monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 5)
     # The main thread fails (overflow in the last row) while earlier rows are being written.
     half = {k: v.half() if k == "mlp.0.weight" else v for k, v in tensors.items()}
     half["mlp.0.weight"][12, 0] = 60000.0
@@ -581,3 +590,142 @@ def test_pair_records() -> None:
         PairRecord.from_json(rec.to_json() | {"eps": "1e-5"}, "f")
     with pytest.raises(CheckpointError, match="'bias'"):
         PairRecord.from_json({k: v for k, v in rec.to_json().items() if k != "bias"}, "f")
+
+
+# ------------------------------------------------------------------ mapped output vs writes
+_WAYS = ["mapped", "no fallocate", "no mmap"]
+
+
+def _fold_one_way(way: str, src: Path, out: Path, pairs: list[FoldPair],
+                  monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[Any, int]:
+    """fold_file with the output mapped, or forced onto the os.write path (a filesystem
+    without fallocate, or one that refuses shared mappings); returns the report and the
+    number of blocks computed straight into a mapping."""
+    import mmap
+
+    views = {"n": 0}
+    real_view = st_format.StreamWriter.chunk_view
+
+    def counting(self: st_format.StreamWriter, name: str, nbytes: int) -> memoryview:
+        views["n"] += 1
+        return real_view(self, name, nbytes)
+
+    def no_mmap(*a: object, **k: object) -> None:
+        raise OSError(errno.ENODEV, "No such device")
+
+    with monkeypatch.context() as m:
+        m.setattr(st_format.StreamWriter, "chunk_view", counting)
+        if way == "no fallocate":
+            m.setattr(os, "posix_fallocate", _no_fallocate)
+        elif way == "no mmap":
+            m.setattr(mmap, "mmap", no_mmap)
+        report = fold_file(src, out, pairs, metadata={}, **kw)
+    return report, views["n"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_mapped_output_equals_the_write_path_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, fsync: bool
+) -> None:
+    """Each way gives the same file (pass-through, zero-size and folded tensors, many blocks,
+    windows dropped from the mapping on the way), equal to safetensors' save of the in-memory
+    fold and, for the weights, to torch's float64 fold cast to the source dtype."""
+    import mmap
+
+    tensors, records = _float_checkpoint(dtype, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    # A weight of many pages, so that windows of the mapping are dropped while it is folded.
+    tensors["big.0.weight"] = torch.randn(257, 61, generator=gen).to(dtype)
+    s = _stats(257, gen, torch.float32)
+    tensors.update({"big.1.weight": s["gamma"], "big.1.bias": s["beta"],
+                    "big.1.running_mean": s["mean"], "big.1.running_var": s["var"]})  # fmt: skip
+    records.append(_record("big.0", "big.1", 257, 61, False))
+    pairs = [FoldPair.from_float_record(r) for r in records]
+    src = tmp_path / "in.safetensors"
+    save_file(tensors, src)
+    monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 7)  # one-row blocks
+    monkeypatch.setattr(st_format, "_WRITEBACK_WINDOW", mmap.PAGESIZE)  # drop as soon as can
+    outs = {}
+    for way in _WAYS:
+        out = tmp_path / f"{way.replace(' ', '-')}.safetensors"
+        _, views = _fold_one_way(way, src, out, pairs, monkeypatch, fsync=fsync)
+        assert (views > 0) == (way == "mapped")
+        outs[way] = out.read_bytes()
+    assert outs["mapped"] == outs["no fallocate"] == outs["no mmap"]
+    assert outs["mapped"] == save(fold_state_dict(tensors, pairs), metadata={"format": "pt"})
+    folded = load_file(tmp_path / "mapped.safetensors")
+    s = {k: tensors[f"mlp.1.{k}"] for k in ("running_mean", "running_var", "weight", "bias")}
+    w_ref, b_ref = _to_float_reference(tensors["mlp.0.weight"], tensors["mlp.0.bias"],
+                                       s["running_mean"], s["running_var"], 1e-5, s["weight"],
+                                       s["bias"])  # fmt: skip
+    _same(folded["mlp.0.weight"], w_ref.to(dtype))
+    _same(folded["mlp.0.bias"], b_ref.to(dtype))
+    assert folded["empty"].shape == (0, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.safetensors", *(f"{w.replace(' ', '-')}.safetensors" for w in _WAYS)]
+    )  # no temp file left
+
+
+def test_sharded_mapped_output_equals_the_write_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors, records, _ = _qat_checkpoint(seed=4)
+    pairs = [FoldPair.from_qat_record(r) for r in records]
+    src = tmp_path / "in.safetensors"
+    save_file(tensors, src)
+    monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 6)
+    files = {}
+    for way in _WAYS:
+        out_dir = tmp_path / way.replace(" ", "-")
+        out_dir.mkdir()
+        report, views = _fold_one_way(way, src, out_dir / "model.safetensors.index.json",
+                                      pairs, monkeypatch, max_shard_size=200)  # fmt: skip
+        assert len(report.files) > 3 and (views > 0) == (way == "mapped")
+        assert _listing(out_dir) == sorted(p.name for p in report.files)
+        files[way] = {p.name: p.read_bytes() for p in report.files}
+    assert files["mapped"] == files["no fallocate"] == files["no mmap"]
+    merged = {k: v for p in (tmp_path / "mapped").glob("*.safetensors")
+              for k, v in load_file(p).items()}  # fmt: skip
+    expected = fold_state_dict(tensors, pairs)
+    assert merged.keys() == expected.keys()
+    for k, t in expected.items():
+        _same(merged[k], t)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT])
+@pytest.mark.parametrize("failing_shard", [1, 2])
+def test_space_not_reserved_fails_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, failing_shard: int
+) -> None:
+    """A full disk (or a file size limit, or a quota) is an OutputError when the shard's space is
+    reserved, before any of its data is read or scaled; no output and no temp file remain."""
+    tensors, records = _float_checkpoint(seed=2)
+    pairs = [FoldPair.from_float_record(r) for r in records]
+    src = tmp_path / "in.safetensors"
+    save_file(tensors, src)
+    real = os.posix_fallocate
+    calls: list[str] = []
+    scaled: list[int] = []
+
+    def reserve(fd: int, offset: int, length: int) -> None:
+        calls.append("fallocate")
+        if len(calls) == failing_shard:
+            raise OSError(err, os.strerror(err))
+        real(fd, offset, length)
+
+    real_scale = fold_stream._scale_rows
+    monkeypatch.setattr(os, "posix_fallocate", reserve)
+    monkeypatch.setattr(fold_stream, "_scale_rows",
+                        lambda *a: (scaled.append(len(calls)), real_scale(*a))[1])  # fmt: skip
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    # The first shard holds the 13x5 weight (260 B), the second the rest.
+    shard = {"max_shard_size": 260} if failing_shard == 2 else {}
+    with pytest.raises(OutputError, match=os.strerror(err)):
+        fold_file(src, out_dir / ("model.safetensors.index.json" if shard else "o.safetensors"),
+                  pairs, metadata={}, **shard)  # fmt: skip
+    assert len(calls) == failing_shard
+    assert all(n < failing_shard for n in scaled)  # nothing scaled for the shard that failed
+    assert _listing(out_dir) == []
+    assert _listing(tmp_path) == ["in.safetensors", "out"]

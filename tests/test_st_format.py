@@ -157,8 +157,9 @@ def test_read_tensor_bytes_reports_truncation(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("method", ["copy_file_range", "sendfile", "pread"])
-def test_copy_range_is_bit_identical(tmp_path: Path, method: str) -> None:
+def test_copy_range_is_bit_identical(tmp_path: Path, method: str, mapped: bool) -> None:
     gen = torch.Generator().manual_seed(2)
     src = {"a": _random_tensor(torch.bfloat16, (33, 17), gen),
            "b": _random_tensor(torch.int64, (5,), gen), "e": torch.zeros(0)}  # fmt: skip
@@ -169,12 +170,16 @@ def test_copy_range_is_bit_identical(tmp_path: Path, method: str) -> None:
     entries = st_format.canonical_order(_entries({**src, "new": torch.ones(4, dtype=torch.uint8)}))
     fd = os.open(src_path, os.O_RDONLY)
     try:
-        with st_format.StreamWriter(out, entries, {}) as w:
+        with st_format.StreamWriter(out, entries, {}, map_output=mapped) as w:
+            assert w.mapped == mapped
             w.copy_method = method
             for name, _, _ in entries:
                 if name == "new":
                     w.write_chunk("new", b"\x01\x01")
-                    w.write_chunk("new", b"\x01\x01")
+                    if mapped:  # filled through the mapping, between copies
+                        w.chunk_view("new", 2)[:] = b"\x01\x01"
+                    else:
+                        w.write_chunk("new", b"\x01\x01")
                     continue
                 info = header.tensors[name]
                 half = info.nbytes // 2  # two pieces: the tensor accumulates
@@ -187,6 +192,15 @@ def test_copy_range_is_bit_identical(tmp_path: Path, method: str) -> None:
     for k, t in src.items():
         assert _bytes(loaded[k]) == _bytes(t)
     assert torch.equal(loaded["new"], torch.ones(4, dtype=torch.uint8))
+
+
+def test_chunk_view_needs_a_mapped_output(tmp_path: Path) -> None:
+    with st_format.StreamWriter(tmp_path / "o.safetensors", [("a", "U8", (2,))], {}) as w:
+        assert not w.mapped
+        with pytest.raises(ValueError, match="mapped output"):
+            w.chunk_view("a", 2)
+        w.write("a", b"xy")
+    assert load_file(tmp_path / "o.safetensors")["a"].tolist() == [ord("x"), ord("y")]
 
 
 def test_copy_range_falls_back_when_copy_file_range_fails(
