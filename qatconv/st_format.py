@@ -433,10 +433,12 @@ def _short(path: Path, name: str) -> CheckpointError:
 _COPY_STEP = 32 << 20  # bytes per copy syscall
 # With fsync on, data is pushed to disk while it is written and dropped from the page cache
 # one window behind the write position: the final fsync then has one window left to flush,
-# and the file never holds more than two windows of dirty page cache. A mapped output drops
-# the same windows from the process's mapping (MADV_DONTNEED), fsync or not: this process
-# then never has more than two windows of the output resident.
+# and the file never holds more than two windows of dirty page cache.
 _WRITEBACK_WINDOW = 32 << 20
+# A mapped output is dropped from the process's mapping (MADV_DONTNEED; the pages stay in the
+# page cache) one such window behind the write position, fsync or not: the process then never
+# has more than two of these windows of the output resident (peak RSS is what users see).
+_MAP_WINDOW = 8 << 20
 
 
 @final
@@ -480,6 +482,7 @@ class StreamWriter:
         self._sizes = [self.offsets[n][1] - self.offsets[n][0] for n in self._names]
         self._pos = 0  # bytes written to the temp file
         self._flushed = 0  # bytes handed to writeback and dropped from the page cache
+        self._unmapped = 0  # bytes of a mapped output dropped from the mapping
         self._i = 0  # index of the tensor being filled
         self._filled = 0  # bytes of it written so far
         self.copy_method = "copy_file_range"  # then "sendfile", then "pread"
@@ -643,20 +646,20 @@ class StreamWriter:
         self._writeback()
 
     def _writeback(self) -> None:
-        # MADV_DONTNEED unmaps a finished window (its dirty pages stay in the page cache);
-        # FADV_DONTNEED then starts writeback of the dirty pages in its range without waiting
-        # and drops the pages already clean: called on the window before the last one, it
-        # keeps the disk busy during the fold and recycles page cache instead of growing it.
-        fadvise = self._file.fsync and _HAS_FADVISE
+        # MADV_DONTNEED unmaps a finished window of a mapped output (its dirty pages stay in
+        # the page cache). FADV_DONTNEED starts writeback of the dirty pages in its range
+        # without waiting and drops the pages already clean: called on the window before the
+        # last one, it keeps the disk busy during the fold and recycles page cache instead of
+        # growing it.
         mapping = self._file.mapping if self._view is not None else None
-        if not fadvise and mapping is None:
+        while mapping is not None and self._pos - self._unmapped >= 2 * _MAP_WINDOW:
+            mapping.madvise(mmap.MADV_DONTNEED, self._unmapped, _MAP_WINDOW)
+            self._unmapped += _MAP_WINDOW
+        if not self._file.fsync or not _HAS_FADVISE:
             return
         while self._pos - self._flushed >= 2 * _WRITEBACK_WINDOW:
-            if mapping is not None:
-                mapping.madvise(mmap.MADV_DONTNEED, self._flushed, _WRITEBACK_WINDOW)
-            if fadvise:
-                fd = self._file.require_fd()
-                os.posix_fadvise(fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
+            fd = self._file.require_fd()
+            os.posix_fadvise(fd, self._flushed, _WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
             self._flushed += _WRITEBACK_WINDOW
 
     def _release_view(self) -> None:

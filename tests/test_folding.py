@@ -646,6 +646,7 @@ def test_mapped_output_equals_the_write_path_byte_for_byte(
     save_file(tensors, src)
     monkeypatch.setattr(fold_stream, "CHUNK_ELEMENTS", 7)  # one-row blocks
     monkeypatch.setattr(st_format, "_WRITEBACK_WINDOW", mmap.PAGESIZE)  # drop as soon as can
+    monkeypatch.setattr(st_format, "_MAP_WINDOW", mmap.PAGESIZE)
     outs = {}
     for way in _WAYS:
         out = tmp_path / f"{way.replace(' ', '-')}.safetensors"
