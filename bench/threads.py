@@ -7,7 +7,11 @@ interleaved (1, N, 1, N, ...), quiet and then with a busy process pinned to one 
 the ratio t(N threads) / t(1 thread): below 1 the threads pay, above 1 they cost. The default of
 `qatconv.threads` (one thread below `SMALL_LAYER_MACS`) comes from this table.
 
-Run: python bench/threads.py [--widths 64,256,512,1024,2048] [--batches 64,256] [--json PATH]
+qatconv's commands set OMP_WAIT_POLICY=PASSIVE before torch starts its thread pool; to measure
+what they run, set it here too (without it, torch's spin-waiting threads are what is measured).
+
+Run: OMP_WAIT_POLICY=PASSIVE python bench/threads.py [--widths 64,256,512,1024,2048]
+     [--batches 64,256] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qatconv import qat, threads
-from qatconv.config import QuantConfig
+from qatconv.config import Mode, QuantConfig, TrainConfig
+from qatconv.pair_record import PairRecord
 
 BUSY = "while True: pass"
 
@@ -56,7 +61,8 @@ def make_model(width: int, layers: int = 4) -> nn.Module:
     for _ in range(layers):
         mods += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
     model = nn.Sequential(*mods)
-    pairs = [{"linear": str(3 * i), "bn": str(3 * i + 1)} for i in range(layers)]
+    pairs = [PairRecord(str(3 * i), str(3 * i + 1), str(3 * i), 1e-5, 0.1, 1, 1, True)
+             for i in range(layers)]  # fmt: skip
     qat.swap_pairs_(model, pairs, qat.make_qconfig(QuantConfig()))
     return model.train()
 
@@ -65,7 +71,7 @@ def time_steps(model: nn.Module, batch: int, width: int, steps: int, n_threads: 
     torch.set_num_threads(n_threads)
     x = torch.randn(batch, width)
     goal = torch.randn(batch, width)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = qat._optimizer(list(model.parameters()), TrainConfig(mode=Mode.finetune, lr=1e-4))
     for _ in range(2):  # warm-up
         F.mse_loss(model(x), goal).backward()
     start = time.perf_counter()

@@ -109,13 +109,11 @@ def usable_cpus(proc_cgroup: Path = PROC, fs: Path = CGROUP_FS) -> int:
 
 
 # A model whose widest Linear has fewer weights than this runs on one thread by default.
-# bench/threads.py (QAT fine-tune steps of 4 x Linear(W, W) + BN, 2 threads vs 1, interleaved) on
-# the 2-core development VM, shared with other jobs (load average 5-8): with OpenMP's default
-# spin-waiting two threads took 1.1-1.2x the time of one at W <= 256 and 4-12x at W >= 512, and
-# 5-37x next to a core kept busy; with OMP_WAIT_POLICY=PASSIVE (set by `manage`) 1.1-1.3x at
-# W 128-512 and 0.9-1.2x at W 1024-2048, 0.4-1.1x next to the busy core. Small layers never paid
-# for a second thread there, so threads are kept for layers of >= 1M weights, where each
-# thread's share of a matmul is large enough to pay for waking it.
+# bench/threads.py (QAT fine-tune steps of 4 x Linear(W, W) + BN at batch 256, 2 threads vs 1,
+# interleaved, OMP_WAIT_POLICY=PASSIVE) on the 2-core development VM, quiet: 2.20x the one-thread
+# time at W 256 (66K weights), 1.03x at 512 (262K), 0.65x at 1024 (1M), 0.54x at 2048; so the
+# crossover lies between 262K and 1M weights. Next to a core kept busy, 2 threads cost 1.05-1.16x
+# at every width (with torch's default spin-waiting: 2-34x, hence PASSIVE).
 SMALL_LAYER_WEIGHTS = 1024 * 1024
 
 
