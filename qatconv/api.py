@@ -61,6 +61,9 @@ class LoadedModel:
     # The checkpoint's tensors with keys aligned to the model, in the checkpoint's own dtypes.
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     args: dict[str, object] = field(default_factory=dict)
+    # The checkpoint's floating-point dtypes, when ``tensors`` was not kept (`load_model`
+    # with ``keep_tensors=False``).
+    source_dtypes: set[torch.dtype] | None = None
 
 
 @dataclass
@@ -160,8 +163,12 @@ class FoldResult:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, keep_tensors: bool = True) -> LoadedModel:
     """Build the model from its spec (or an unpickled module) and load the checkpoint strictly.
+
+    With ``keep_tensors=False`` a safetensors checkpoint is read one module at a time into the
+    built model (`_load_model_streamed`): ``tensors`` comes back empty, and the checkpoint never
+    sits in memory beside the model's parameters.
 
     Raises:
         UsageError: neither a spec nor a trusted pickled module.
@@ -169,6 +176,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     """
     from qatconv import checkpoint, modelspec
 
+    if (not keep_tensors and cfg.spec is not None and cfg.weights is not None
+            and checkpoint.is_safetensors(cfg.weights)):  # fmt: skip
+        return _load_model_streamed(cfg)
     notes: list[str] = []
     loaded = None
     if cfg.weights is not None:
@@ -194,6 +204,29 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model.eval()
     threads.fit_to_model(model)
     return LoadedModel(model, notes, cfg.spec, args=dict(cfg.args), tensors=tensors)
+
+
+def _load_model_streamed(cfg: ModelConfig) -> LoadedModel:
+    """`load_model` for a safetensors checkpoint, read module by module into the built model."""
+    import torch
+
+    from qatconv import checkpoint, modelspec
+    from qatconv.dtypes import DTYPES
+
+    assert cfg.spec is not None and cfg.weights is not None
+    with checkpoint.open_lazy(cfg.weights) as lazy:
+        model = modelspec.build_model(cfg.spec, dict(cfg.args))
+        # Source names under the keys they load into (prefixes stripped where that fits).
+        sources, align_notes = checkpoint.align_state_dict(
+            {n: n for n in lazy.shapes}, model.state_dict().keys())
+        checkpoint.load_read_into(model, {k: lazy.shapes[n] for k, n in sources.items()},
+                                  lambda key: lazy.read(sources[key]), str(cfg.weights))
+        dtypes = {getattr(torch, DTYPES[d].torch, None) for d in lazy.dtypes.values()}
+        notes = [*lazy.notes, *align_notes]
+    model.eval()
+    threads.fit_to_model(model)
+    floating = {d for d in dtypes if d is not None and d.is_floating_point}
+    return LoadedModel(model, notes, cfg.spec, args=dict(cfg.args), source_dtypes=floating)
 
 
 def _sample(inputs: torch.Tensor, n: int = 8) -> tuple[torch.Tensor, ...]:
@@ -393,7 +426,7 @@ def _load_for_prepare(
     from qatconv import data as data_mod
 
     _refuse_qatconv_output(model_cfg.weights)
-    loaded = load_model(model_cfg)
+    loaded = load_model(model_cfg, keep_tensors=False)
     for n in loaded.notes:
         note(n)
     warnings_: list[str] = []
@@ -531,8 +564,11 @@ def _as_float32(
 
     model = loaded.model
     # The checkpoint's own dtype (loading casts into the model's float32 parameters).
-    source = loaded.tensors.values() if loaded.tensors else model.parameters()
-    dtypes = {t.dtype for t in source if t.is_floating_point()}
+    if loaded.source_dtypes is not None:
+        dtypes = set(loaded.source_dtypes)
+    else:
+        source = loaded.tensors.values() if loaded.tensors else model.parameters()
+        dtypes = {t.dtype for t in source if t.is_floating_point()}
     orig_dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     if orig_dtype != torch.float32:
         note(f"the model is {orig_dtype}; QAT runs in float32 (torch's fake quant needs it)")

@@ -19,10 +19,11 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qatconv import dtypes, st_format
 from qatconv.errors import CheckpointError, OutputError, UsageError, first_line
@@ -38,6 +39,8 @@ from qatconv.st_checkpoint import (  # noqa: F401 - checkpoint_files is part of 
 
 if TYPE_CHECKING:
     import torch
+
+_V = TypeVar("_V")
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,57 @@ def _load_safetensors(path: Path) -> LoadedCheckpoint:
     if not tensors:
         raise _empty(path)
     return LoadedCheckpoint(tensors, metadata, [], None, "safetensors", [path])
+
+
+@dataclass
+class LazyCheckpoint:
+    """A safetensors checkpoint (file or sharded index) whose tensors are read one at a time.
+
+    Attributes:
+        shapes: name -> shape of every tensor, from the validated headers.
+        dtypes: name -> safetensors dtype string.
+        notes: as `LoadedCheckpoint.notes`.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    notes: list[str]
+    _ckpt: OpenCheckpoint
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read with pread through the descriptor its header came from."""
+        return _read_st_tensors(self._ckpt, [name])[name]
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether `open_lazy` can read ``path`` (a ``.safetensors`` file, an index, or a folder
+    holding one): torch pickles are read whole by `load_checkpoint`."""
+    try:
+        return str(resolve(Path(path))).lower().endswith((".safetensors", INDEX_SUFFIX))
+    except CheckpointError:
+        return False
+
+
+@contextmanager
+def open_lazy(path: Path) -> Iterator[LazyCheckpoint]:
+    """Open a safetensors checkpoint for `LazyCheckpoint.read`; headers are validated here.
+
+    Raises:
+        CheckpointError: as `load_checkpoint` for safetensors inputs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
+        )
+    with open_checkpoint(path) as ckpt:
+        if not ckpt.where:
+            raise _empty(path)
+        notes = ([f"read {len(ckpt.headers)} shard(s) listed in {ckpt.path.name}", *ckpt.notes]
+                 if ckpt.index is not None else [])  # fmt: skip
+        infos = ckpt.infos()
+        yield LazyCheckpoint({n: tuple(shape) for n, (_, shape) in infos.items()},
+                             {n: dtype for n, (dtype, _) in infos.items()}, notes, ckpt)  # fmt: skip
 
 
 def _load_sharded(index: Path) -> LoadedCheckpoint:
@@ -312,8 +366,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def align_state_dict(
-    tensors: dict[str, torch.Tensor], model_keys: Iterable[str]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
+    tensors: Mapping[str, _V], model_keys: Iterable[str]
+) -> tuple[dict[str, _V], list[str]]:
     """Strip ``module.`` / ``_orig_mod.`` / ``model.`` prefixes where that fits the model better.
 
     Prefixes are stripped (each from the keys that carry it) in whatever sequence, up to
@@ -358,14 +412,27 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: 
         CheckpointError: missing, unexpected or mis-shaped keys (the first 5 of each, sorted,
             and their counts), or any other refusal of ``load_state_dict``.
     """
+    load_read_into(model, {k: tuple(t.shape) for k, t in tensors.items()}, tensors.__getitem__,
+                   source)  # fmt: skip
+
+
+def load_read_into(
+    model: torch.nn.Module,
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+    source: str,
+) -> None:
+    """`load_into` for tensors read one module at a time: ``shapes`` names the checkpoint's
+    tensors, ``read(name)`` returns one. Each module's tensors are read, loaded and dropped
+    before the next module's, so a checkpoint never sits in memory beside the model.
+
+    Raises:
+        CheckpointError: as `load_into`.
+    """
     expected = model.state_dict()
-    check_keys_fit(
-        {k: tuple(t.shape) for k, t in expected.items()},
-        {k: tuple(t.shape) for k, t in tensors.items()},
-        source,
-    )
+    check_keys_fit({k: tuple(t.shape) for k, t in expected.items()}, shapes, source)
     try:
-        errors = _load_per_module(model, tensors)
+        errors = _load_per_module(model, shapes, read)
     except (RuntimeError, ValueError, TypeError) as e:
         errors = [_first_line(e)]
     if errors:
@@ -409,24 +476,27 @@ def check_keys_fit(
         )
 
 
-def _load_per_module(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """`load_state_dict` with each module handed only its own keys.
+def _load_per_module(
+    model: torch.nn.Module, names: Iterable[str], read: Callable[[str], torch.Tensor]
+) -> list[str]:
+    """`load_state_dict` with each module handed only its own keys, read when it loads.
 
     torch's `load_state_dict` filters the whole state dict by prefix for every child, which is
     quadratic in the number of children (a flat Sequential of 3,000 layers spent 16 s there).
     Each module's own `_load_from_state_dict` (and so its pre-hooks and version handling) still
     runs, as in torch. Keys were validated by the caller.
     """
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        by_module.setdefault(key.rpartition(".")[0], {})[key] = t
+    by_module: dict[str, list[str]] = {}
+    for key in names:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
     errors: list[str] = []
     missing: list[str] = []
     unexpected: list[str] = []
     for path, mod in model.named_modules(remove_duplicate=False):
-        local = by_module.get(path, {})
+        local = {key: read(key) for key in by_module.get(path, ())}
         prefix = f"{path}." if path else ""
         mod._load_from_state_dict(local, prefix, {}, True, missing, unexpected, errors)
+        del local
     return errors
 
 
