@@ -95,16 +95,7 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoi
         CheckpointError: missing, unreadable, corrupt, empty, or refused (needs
             ``--trust-pickle``).
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
-        )
-    path = resolve(path)
-    if not path.is_file():  # a FIFO or device would block or never end
-        raise CheckpointError(
-            f"{path} is not a regular file", hint="pass a checkpoint file, not a device or pipe"
-        )
+    path = _checkpoint_file(path)
     name = path.name.lower()
     if name.endswith(INDEX_SUFFIX):
         return _load_sharded(path)
@@ -116,6 +107,22 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> LoadedCheckpoi
         f"{path}: unknown checkpoint extension {path.suffix or '(none)'!r}",
         hint="use .safetensors, a *.safetensors.index.json, or a torch file (.pt .pth .bin .ckpt)",
     )
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """``path`` resolved to the checkpoint file it stands for (`resolve`), which must exist and
+    be a regular file (a FIFO or device would block or never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
+        )
+    path = resolve(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is not a regular file", hint="pass a checkpoint file, not a device or pipe"
+        )
+    return path
 
 
 def _read_st_tensors(ckpt: OpenCheckpoint, names: Iterable[str]) -> dict[str, Any]:
@@ -189,14 +196,9 @@ def open_lazy(path: Path) -> Iterator[LazyCheckpoint]:
     """Open a safetensors checkpoint for `LazyCheckpoint.read`; headers are validated here.
 
     Raises:
-        CheckpointError: as `load_checkpoint` for safetensors inputs.
+        CheckpointError: as `load_checkpoint` for safetensors inputs (same checks, same words).
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist", hint="check the path (and the current folder)"
-        )
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(_checkpoint_file(path)) as ckpt:
         if not ckpt.where:
             raise _empty(path)
         notes = ([f"read {len(ckpt.headers)} shard(s) listed in {ckpt.path.name}", *ckpt.notes]
