@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,26 +30,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contention import busy_core  # bench/contention.py: the same busy process
+
 from qatconv import qat, threads
 from qatconv.config import Mode, QuantConfig, TrainConfig
 from qatconv.pair_record import PairRecord
-
-BUSY = "while True: pass"
-
-
-@contextmanager
-def busy_core(on: bool, core: int = 0) -> Iterator[None]:
-    """A busy-looping process pinned to ``core`` (what a shared CI runner looks like)."""
-    if not on:
-        yield
-        return
-    proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", BUSY])
-    time.sleep(0.3)
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def make_model(width: int, layers: int = 4) -> nn.Module:
